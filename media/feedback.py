@@ -1,0 +1,241 @@
+"""Loss recovery: receiver NACKs, the sender's retransmission buffer, and throttled PLIs.
+
+A lost packet is asked for again (NACK) when that can still beat the playout deadline; when a
+frame is lost for good, the receiver asks for a keyframe (PLI) instead, but not so often that
+keyframes (5-10× a normal frame) would themselves congest the path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from media.wiremedia import (
+    MAX_NACK_SEQS,
+    Flags,
+    MediaLocalError,
+    MediaPacket,
+    NackPacket,
+    PliPacket,
+    SeqUnwrapper,
+    StreamId,
+)
+
+# Wait this long after a gap appears before NACKing: a packet a few slots late is reordered, not
+# lost. 15 ms ≈ a few packet intervals of a video burst; WebRTC's NackRequester waits similarly
+# short (it NACKs at once unless its reordering histogram says otherwise).
+NACK_REORDER_WAIT = 0.015
+# Retry a NACK after NACK_RETRY_RTTS × RTT (at least NACK_MIN_RETRY), growing by NACK_BACKOFF
+# per attempt so a dead path is not flooded.
+NACK_RETRY_RTTS = 1.2
+NACK_MIN_RETRY = 0.020
+NACK_BACKOFF = 1.5
+# WebRTC gives up after 10 attempts (kMaxNackRetries) and keeps at most 1000 entries
+# (kMaxNackPackets); past one second a retransmission cannot reach a live call in time.
+NACK_MAX_TRIES = 10
+NACK_MAX_LIST = 1000
+NACK_DEADLINE = 1.0
+# The sender keeps packets for retransmission this long and this many: 1 s ≈ 900 packets of
+# 8 Mb/s video, covering NACK_DEADLINE.
+RTX_MAX_AGE = 1.0
+RTX_MAX_PACKETS = 2048
+# Re-request a keyframe no sooner than this, nor sooner than PLI_RETRY_RTTS round trips: a
+# keyframe needs a round trip plus an encode to show up. WebRTC re-requests every 200 ms.
+PLI_MIN_INTERVAL = 0.200
+PLI_RETRY_RTTS = 1.5
+# The sender makes at most one keyframe per this interval however many PLIs arrive.
+KEYFRAME_MIN_INTERVAL = 0.100
+
+
+@dataclass(slots=True)
+class _Missing:
+    detected: float
+    next_send: float
+    tries: int = 0
+
+
+class NackGenerator:
+    """Receiver side, one stream: detects sequence gaps and schedules NACKs for them."""
+
+    def __init__(self, stream: StreamId, rtt: float = 0.1) -> None:
+        self.stream = stream
+        self.rtt = rtt
+        self._unwrap = SeqUnwrapper()
+        self._highest: int | None = None
+        self._missing: dict[int, _Missing] = {}
+        self.nacks_sent = 0  # NACK packets
+        self.seqs_requested = 0  # sequence numbers asked for, retries included
+        self.recovered = 0  # NACKed packets that then arrived
+        self.reordered = 0  # missing packets that arrived before any NACK
+        self.given_up = 0
+        self.overflows = 0
+
+    def set_rtt(self, rtt: float) -> None:
+        self.rtt = rtt
+
+    @property
+    def missing(self) -> int:
+        return len(self._missing)
+
+    def on_packet(self, seq: int, now: float) -> bool:
+        """Record an arrival; True when the gap is too big to NACK and a keyframe is needed."""
+        ext = self._unwrap.unwrap(seq)
+        if self._highest is None:
+            self._highest = ext
+            return False
+        if ext > self._highest:
+            gap = ext - self._highest - 1
+            if gap > NACK_MAX_LIST or len(self._missing) + gap > NACK_MAX_LIST:
+                self.given_up += len(self._missing) + gap
+                self._missing.clear()
+                self.overflows += 1
+                self._highest = ext
+                return True
+            for s in range(self._highest + 1, ext):
+                self._missing[s] = _Missing(now, now + NACK_REORDER_WAIT)
+            self._highest = ext
+            return False
+        entry = self._missing.pop(ext, None)
+        if entry is not None:
+            if entry.tries:
+                self.recovered += 1
+            else:
+                self.reordered += 1
+        return False
+
+    def poll(self, now: float) -> NackPacket | None:
+        """A NACK for every missing packet whose (re)try time has come, or None."""
+        for s in [s for s, e in self._missing.items() if self._expired(e, now)]:
+            del self._missing[s]
+            self.given_up += 1
+        due = [s for s, e in self._missing.items() if e.next_send <= now][:MAX_NACK_SEQS]
+        if not due:
+            return None
+        for s in due:
+            entry = self._missing[s]
+            entry.tries += 1
+            interval = max(NACK_MIN_RETRY, NACK_RETRY_RTTS * self.rtt)
+            entry.next_send = now + interval * NACK_BACKOFF ** (entry.tries - 1)
+        self.nacks_sent += 1
+        self.seqs_requested += len(due)
+        return NackPacket(self.stream, tuple(s & 0xFFFF for s in due))
+
+    def next_timeout(self) -> float | None:
+        times = [min(e.next_send, e.detected + NACK_DEADLINE) for e in self._missing.values()]
+        return min(times, default=None)
+
+    @staticmethod
+    def _expired(entry: _Missing, now: float) -> bool:
+        return now - entry.detected > NACK_DEADLINE or entry.tries >= NACK_MAX_TRIES
+
+
+class RetransmissionBuffer:
+    """Sender side: recent packets by (stream, seq), bounded in count and age."""
+
+    def __init__(self) -> None:
+        self._packets: OrderedDict[tuple[StreamId, int], tuple[MediaPacket, float]] = OrderedDict()
+        self._resent: dict[tuple[StreamId, int], float] = {}
+        self.retransmitted = 0
+        self.unavailable = 0  # NACKed packets already forgotten
+        self.suppressed = 0  # NACKs for packets resent less than an RTT ago
+
+    def __len__(self) -> int:
+        return len(self._packets)
+
+    def store(self, pkt: MediaPacket, now: float) -> None:
+        if pkt.retransmit:
+            raise MediaLocalError("store originals, not retransmissions")
+        key = (pkt.stream, pkt.seq)
+        self._packets.pop(key, None)
+        self._resent.pop(key, None)
+        self._packets[key] = (pkt, now)
+        self._expire(now)
+
+    def on_nack(self, nack: NackPacket, now: float, rtt: float) -> list[MediaPacket]:
+        """The packets to send again, flagged RETRANSMIT (give each a fresh transport seq)."""
+        self._expire(now)
+        out = []
+        for seq in dict.fromkeys(nack.seqs):
+            key = (nack.stream, seq)
+            stored = self._packets.get(key)
+            if stored is None:
+                self.unavailable += 1
+                continue
+            last = self._resent.get(key)
+            if last is not None and now - last < rtt:
+                # Answering a retry that crossed our previous answer would double the traffic.
+                self.suppressed += 1
+                continue
+            self._resent[key] = now
+            self.retransmitted += 1
+            out.append(replace(stored[0], flags=stored[0].flags | Flags.RETRANSMIT))
+        return out
+
+    def _expire(self, now: float) -> None:
+        while self._packets:
+            key, (_, sent) = next(iter(self._packets.items()))
+            if len(self._packets) <= RTX_MAX_PACKETS and now - sent <= RTX_MAX_AGE:
+                break
+            del self._packets[key]
+            self._resent.pop(key, None)
+
+
+class PliController:
+    """Receiver side: turns "keyframe needed" into PLIs, repeated but throttled until satisfied."""
+
+    def __init__(self, stream: StreamId = StreamId.VIDEO, rtt: float = 0.1) -> None:
+        self.stream = stream
+        self.rtt = rtt
+        self._needed = False
+        self._last_sent: float | None = None
+        self.plis_sent = 0
+
+    def set_rtt(self, rtt: float) -> None:
+        self.rtt = rtt
+
+    @property
+    def interval(self) -> float:
+        return max(PLI_MIN_INTERVAL, PLI_RETRY_RTTS * self.rtt)
+
+    @property
+    def needed(self) -> bool:
+        return self._needed
+
+    def request(self) -> None:
+        self._needed = True
+
+    def satisfied(self) -> None:
+        """A keyframe arrived: stop asking."""
+        self._needed = False
+
+    def poll(self, now: float) -> PliPacket | None:
+        if not self._needed:
+            return None
+        if self._last_sent is not None and now - self._last_sent < self.interval:
+            return None
+        self._last_sent = now
+        self.plis_sent += 1
+        return PliPacket(self.stream)
+
+    def next_timeout(self) -> float | None:
+        if not self._needed:
+            return None
+        return 0.0 if self._last_sent is None else self._last_sent + self.interval
+
+
+class KeyframeGate:
+    """Sender side: one keyframe answers every PLI that arrives within a short interval."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self.plis_received = 0
+        self.keyframes_forced = 0
+
+    def on_pli(self, now: float) -> bool:
+        """True when the encoder should make the next frame a keyframe."""
+        self.plis_received += 1
+        if self._last is not None and now - self._last < KEYFRAME_MIN_INTERVAL:
+            return False
+        self._last = now
+        self.keyframes_forced += 1
+        return True

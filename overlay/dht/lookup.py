@@ -1,0 +1,167 @@
+"""An iterative lookup over disjoint paths (S/Kademlia), as a plain state machine.
+
+The seeds are dealt round-robin to `paths` independent shortlists; a node found by one path is
+never queried by another, so an adversary on one path cannot steer the others. Each path keeps
+`alpha` queries in flight and ends when its k closest candidates have all answered or failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from overlay.dht.record import PeerRecord
+from overlay.dht.routing import distance
+from overlay.identity import node_id_for
+from overlay.wire import Address
+
+
+@dataclass
+class Candidate:
+    public_key: bytes
+    address: Address
+    depth: int
+    node_id: bytes = field(init=False)
+    state: str = "new"  # new -> asked -> answered | failed
+
+    def __post_init__(self) -> None:
+        self.node_id = node_id_for(self.public_key)
+
+
+@dataclass
+class _Path:
+    candidates: list[Candidate] = field(default_factory=list)
+    in_flight: int = 0
+
+
+class Lookup:
+    def __init__(
+        self,
+        lookup_id: int,
+        target: bytes,
+        seeds: list[tuple[bytes, Address]],
+        *,
+        self_id: bytes,
+        k: int,
+        alpha: int,
+        paths: int,
+        want_record: bool,
+        started: float,
+    ) -> None:
+        self.id = lookup_id
+        self.target = target
+        self.self_id = self_id
+        self.k = k
+        self.alpha = alpha
+        self.want_record = want_record
+        self.started = started
+        self.queries = 0
+        self.record: PeerRecord | None = None
+        self.record_depth = 0
+        self.stale_holders: list[bytes] = []  # node ids that returned an older record
+        self._holders: dict[bytes, int] = {}  # node id -> seq it returned
+        self._paths = [_Path() for _ in range(max(1, paths))]
+        self._owner: dict[bytes, int] = {}
+        ordered = sorted(seeds, key=lambda s: distance(node_id_for(s[0]), target))
+        for i, (pk, addr) in enumerate(ordered):
+            self._add(i % len(self._paths), pk, addr, 1)
+
+    def _add(self, path: int, public_key: bytes, address: Address, depth: int) -> None:
+        cand = Candidate(public_key, address, depth)
+        if cand.node_id == self.self_id or cand.node_id in self._owner:
+            return
+        self._owner[cand.node_id] = path
+        p = self._paths[path]
+        p.candidates.append(cand)
+        p.candidates.sort(key=lambda c: distance(c.node_id, self.target))
+        # Only the closest few matter; forgetting the rest bounds memory under hostile replies.
+        for dropped in p.candidates[4 * self.k :]:
+            if dropped.state == "new":
+                del self._owner[dropped.node_id]
+        p.candidates = [
+            c for i, c in enumerate(p.candidates) if i < 4 * self.k or c.state != "new"
+        ]
+
+    def next_queries(self) -> list[Candidate]:
+        out: list[Candidate] = []
+        for p in self._paths:
+            live = [c for c in p.candidates if c.state != "failed"][: self.k]
+            for cand in live:
+                if p.in_flight >= self.alpha:
+                    break
+                if cand.state == "new":
+                    cand.state = "asked"
+                    p.in_flight += 1
+                    self.queries += 1
+                    out.append(cand)
+        return out
+
+    def _find(self, node_id: bytes) -> tuple[_Path, Candidate] | None:
+        path = self._owner.get(node_id)
+        if path is None:
+            return None
+        p = self._paths[path]
+        for c in p.candidates:
+            if c.node_id == node_id:
+                return p, c
+        return None
+
+    def on_response(
+        self, node_id: bytes, contacts: list[tuple[bytes, Address]], record: PeerRecord | None
+    ) -> None:
+        found = self._find(node_id)
+        if found is None:
+            return
+        p, cand = found
+        if cand.state != "asked":
+            return
+        cand.state = "answered"
+        p.in_flight -= 1
+        path = self._owner[node_id]
+        for pk, addr in contacts:
+            self._add(path, pk, addr, cand.depth + 1)
+        if record is not None and record.node_id == self.target:
+            self._holders[node_id] = record.seq
+            if self.record is None or record.seq > self.record.seq:
+                self.record = record
+                self.record_depth = cand.depth
+
+    def on_failure(self, node_id: bytes) -> None:
+        found = self._find(node_id)
+        if found is None:
+            return
+        p, cand = found
+        if cand.state == "asked":
+            cand.state = "failed"
+            p.in_flight -= 1
+
+    @property
+    def done(self) -> bool:
+        for p in self._paths:
+            if p.in_flight:
+                return False
+            live = [c for c in p.candidates if c.state != "failed"][: self.k]
+            if any(c.state == "new" for c in live):
+                return False
+        return True
+
+    def closest_answered(self) -> list[Candidate]:
+        answered = [c for p in self._paths for c in p.candidates if c.state == "answered"]
+        answered.sort(key=lambda c: distance(c.node_id, self.target))
+        return answered[: self.k]
+
+    def hops(self) -> int:
+        if self.record is not None:
+            return self.record_depth
+        best = self.closest_answered()
+        return best[0].depth if best else 0
+
+    def outdated_holders(self) -> list[bytes]:
+        """Nodes that answered with no record or an older one: worth a store of the newest."""
+        if self.record is None:
+            return []
+        seq = self.record.seq
+        return [
+            c.node_id
+            for c in self.closest_answered()
+            if self._holders.get(c.node_id, -1) < seq
+        ]

@@ -1,0 +1,89 @@
+"""DHT message schemas. Requests are plain; every response is signed by the responder over the
+requester's random transaction id, which is how a node proves it holds its key."""
+
+from __future__ import annotations
+
+from overlay import wire
+from overlay.identity import NODE_ID_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE
+from overlay.dht.tokens import TOKEN_SIZE
+
+KIND_DHT = 0xD0
+TX_SIZE = 8
+# Requests from an address we hold no token for are padded to this size, so the answer (a full
+# NODES reply) can be sent without amplification. 1232 is the DNS flag day 2020 safe UDP size.
+PAD_TO = 1232
+# Contacts in one reply: the k closest, trimmed to fit MAX_DATAGRAM.
+MAX_NODES = 20
+RESPONSE_CONTEXT = b"3bc-dht-response-v1"
+
+_tx = wire.blob(TX_SIZE, TX_SIZE)
+_pk = wire.blob(PUBLIC_KEY_SIZE, PUBLIC_KEY_SIZE)
+_id = wire.blob(NODE_ID_SIZE, NODE_ID_SIZE)
+_tok = wire.blob(TOKEN_SIZE, TOKEN_SIZE)
+_pad = wire.blob(0, PAD_TO)
+_record = wire.array(wire.blob(0, 600), 2)
+
+
+def _contact(value: object, name: str) -> tuple[bytes, wire.Address]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise wire.SchemaError(f"{name}: expected [public key, address]")
+    return _pk(value[0], name), wire.address()(value[1], name)
+
+
+PING = wire.Schema(
+    "ping",
+    1,
+    (
+        wire.Field("tx", _tx),
+        wire.Field("pk", _pk),
+        wire.Field("tok", _tok, required=False),
+        wire.Field("pad", _pad, required=False),
+    ),
+)
+FIND = wire.Schema(
+    "find",
+    2,
+    (
+        wire.Field("tx", _tx),
+        wire.Field("pk", _pk),
+        wire.Field("target", _id),
+        wire.Field("rec", wire.boolean()),
+        wire.Field("tok", _tok, required=False),
+        wire.Field("pad", _pad, required=False),
+    ),
+)
+STORE = wire.Schema(
+    "store",
+    3,
+    (
+        wire.Field("tx", _tx),
+        wire.Field("pk", _pk),
+        wire.Field("tok", _tok),
+        wire.Field("rec", _record),
+    ),
+)
+RESPONSE = wire.Schema(
+    "response",
+    4,
+    (
+        wire.Field("b", wire.blob(1, wire.MAX_DATAGRAM)),
+        wire.Field("s", wire.blob(SIGNATURE_SIZE, SIGNATURE_SIZE)),
+    ),
+)
+# The signed body inside a RESPONSE.
+RESPONSE_BODY = wire.Schema(
+    "response-body",
+    0,
+    (
+        wire.Field("tx", _tx),
+        wire.Field("pk", _pk),
+        wire.Field("tok", _tok),
+        wire.Field("obs", wire.address()),
+        wire.Field("nodes", wire.array(_contact, MAX_NODES), required=False),
+        wire.Field("rec", _record, required=False),
+        wire.Field("err", wire.text(120), required=False),
+    ),
+)
+
+REQUESTS = (PING, FIND, STORE)
+CODEC = wire.Codec(KIND_DHT, [PING, FIND, STORE, RESPONSE])

@@ -1,0 +1,153 @@
+"""The Kademlia routing table: k-buckets of verified contacts, by XOR distance of node ids.
+
+Only contacts that answered a signed response to our random transaction id get in, so every entry
+is a key holder that was reachable at that address. Full buckets keep a replacement cache and
+prefer long-lived contacts, as in the Kademlia paper (old nodes are the likeliest to stay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from overlay.identity import NODE_ID_SIZE, node_id_for
+from overlay.wire import Address
+
+K = 20  # bucket size and replication factor (Kademlia paper; BitTorrent's 8 is for far more churn)
+ID_BITS = NODE_ID_SIZE * 8
+# A contact that missed this many queries in a row is taken as gone.
+MAX_FAILURES = 2
+
+
+def distance(a: bytes, b: bytes) -> int:
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+def bucket_index(self_id: bytes, other: bytes) -> int:
+    """Bucket i holds ids at distance [2^i, 2^(i+1))."""
+    return distance(self_id, other).bit_length() - 1
+
+
+@dataclass
+class Contact:
+    public_key: bytes
+    address: Address
+    last_seen: float
+    failures: int = 0
+    rtt: float | None = None
+    node_id: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.node_id = node_id_for(self.public_key)
+
+    def observe_rtt(self, sample: float) -> None:
+        self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
+
+
+@dataclass
+class Bucket:
+    contacts: list[Contact] = field(default_factory=list)  # least recently seen first
+    replacements: list[Contact] = field(default_factory=list)
+    last_touched: float = 0.0
+
+
+class RoutingTable:
+    def __init__(self, self_id: bytes, k: int = K) -> None:
+        self.self_id = self_id
+        self.k = k
+        self.buckets = [Bucket() for _ in range(ID_BITS)]
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Contact]:
+        for b in self.buckets:
+            yield from b.contacts
+
+    def get(self, node_id: bytes) -> Contact | None:
+        if node_id == self.self_id:
+            return None
+        for c in self.buckets[bucket_index(self.self_id, node_id)].contacts:
+            if c.node_id == node_id:
+                return c
+        return None
+
+    def verified(self, public_key: bytes, address: Address, now: float, rtt: float | None) -> None:
+        """A key proved itself at `address`: insert or refresh it."""
+        node_id = node_id_for(public_key)
+        if node_id == self.self_id:
+            return
+        bucket = self.buckets[bucket_index(self.self_id, node_id)]
+        bucket.last_touched = now
+        for c in bucket.contacts:
+            if c.node_id == node_id:
+                c.address, c.last_seen, c.failures = address, now, 0
+                if rtt is not None:
+                    c.observe_rtt(rtt)
+                bucket.contacts.remove(c)
+                bucket.contacts.append(c)
+                return
+        contact = Contact(public_key, address, now)
+        if rtt is not None:
+            contact.observe_rtt(rtt)
+        if len(bucket.contacts) < self.k:
+            bucket.contacts.append(contact)
+            self._size += 1
+            return
+        # Full: evict a contact known to be failing, else keep the newcomer in reserve.
+        for c in bucket.contacts:
+            if c.failures >= MAX_FAILURES:
+                bucket.contacts.remove(c)
+                bucket.contacts.append(contact)
+                return
+        bucket.replacements = [r for r in bucket.replacements if r.node_id != node_id]
+        bucket.replacements.append(contact)
+        del bucket.replacements[: -self.k]
+
+    def failed(self, node_id: bytes) -> None:
+        """A query to this contact timed out; after MAX_FAILURES, replace it from the cache."""
+        bucket = self.buckets[bucket_index(self.self_id, node_id)] if node_id != self.self_id else None
+        if bucket is None:
+            return
+        for c in bucket.contacts:
+            if c.node_id == node_id:
+                c.failures += 1
+                if c.failures >= MAX_FAILURES and bucket.replacements:
+                    bucket.contacts.remove(c)
+                    bucket.contacts.append(bucket.replacements.pop())
+                return
+        bucket.replacements = [r for r in bucket.replacements if r.node_id != node_id]
+
+    def remove(self, node_id: bytes) -> None:
+        if node_id == self.self_id:
+            return
+        bucket = self.buckets[bucket_index(self.self_id, node_id)]
+        kept = [c for c in bucket.contacts if c.node_id != node_id]
+        self._size -= len(bucket.contacts) - len(kept)
+        bucket.contacts = kept
+
+    def closest(self, target: bytes, count: int | None = None, *, live_only: bool = True) -> list[Contact]:
+        count = self.k if count is None else count
+        pool: Iterable[Contact] = (
+            c for c in self if not live_only or c.failures < MAX_FAILURES
+        )
+        return sorted(pool, key=lambda c: distance(c.node_id, target))[:count]
+
+    def stale_buckets(self, now: float, interval: float) -> list[int]:
+        """Non-empty buckets nobody touched within `interval`: due for a refresh lookup."""
+        return [
+            i
+            for i, b in enumerate(self.buckets)
+            if b.contacts and now - b.last_touched >= interval
+        ]
+
+    def touch(self, target: bytes, now: float) -> None:
+        if target != self.self_id:
+            self.buckets[bucket_index(self.self_id, target)].last_touched = now
+
+    def random_id_in_bucket(self, index: int, rand: int) -> bytes:
+        """An id at distance [2^index, 2^(index+1)) from ours; `rand` supplies the low bits."""
+        dist = (1 << index) | (rand & ((1 << index) - 1))
+        value = int.from_bytes(self.self_id, "big") ^ dist
+        return value.to_bytes(NODE_ID_SIZE, "big")

@@ -1,0 +1,358 @@
+"""The daemon: one trio nursery wiring the UDP socket, the DHT core and the control socket.
+
+Everything protocol-shaped lives in sans-IO cores; this module only moves datagrams and time
+between them and the socket, and answers the control socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from overlay import control
+from overlay.control import ControlServer, RpcError, param
+from overlay.dht.core import (
+    ContactVerified,
+    DhtConfig,
+    DhtCore,
+    LookupDone,
+    PublicAddressObserved,
+)
+from overlay.dht.messages import KIND_DHT
+from overlay.dht.record import format_address
+from overlay.endpoint import Endpoint
+from overlay.events import EventBus
+from overlay.identity import Identity, IdentityError, parse_public_key, safety_words
+from overlay.wire import Address
+
+log = logging.getLogger("3bc.node")
+
+# The documented default UDP port: 0x3BC = 956 is privileged, so 30956.
+DEFAULT_PORT = 30956
+ROUTING_FILE = "routing.json"
+# How long a lookup may take before the control socket answers "timed out".
+LOOKUP_TIMEOUT = 10.0
+# Saved contacts tried at start-up (the closest and most recently seen are kept).
+MAX_SAVED_CONTACTS = 200
+
+
+class Clock:
+    """Wall-anchored time on trio's clock: the DHT compares record expiry across machines, and
+    tests can still run under trio's MockClock."""
+
+    def __init__(self) -> None:
+        self.offset = time.time() - trio.current_time()
+
+    def now(self) -> float:
+        return trio.current_time() + self.offset
+
+    def to_trio(self, t: float) -> float:
+        return t - self.offset
+
+
+@dataclass
+class NodeOptions:
+    state_dir: Path
+    listen: list[Address] = field(default_factory=lambda: [("0.0.0.0", DEFAULT_PORT)])
+    bootstrap: list[Address] = field(default_factory=list)
+    relay: bool = False
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    handle_signals: bool = True
+
+
+class Node:
+    def __init__(self, identity: Identity, options: NodeOptions) -> None:
+        self.identity = identity
+        self.options = options
+        self.events = EventBus()
+        self.control = ControlServer(options.state_dir, self.events)
+        self.endpoints: list[Endpoint] = []
+        self.dht: DhtCore | None = None
+        self.clock: Clock | None = None
+        self.started = time.time()
+        self._wake = trio.Event()
+        self._sleep_until = float("inf")
+        self._lookup_waiters: dict[int, trio.MemorySendChannel[LookupDone]] = {}
+        self._observed: list[Address] = []
+        self._cancel: trio.CancelScope | None = None
+        self._register_methods()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.clock = Clock()
+        now = self.clock.now()
+        self.dht = DhtCore(self.identity, self.options.dht, now=now)
+        for address in self.options.listen:
+            endpoint = Endpoint.bind(address)
+            endpoint.route([KIND_DHT], self._on_dht)
+            self.endpoints.append(endpoint)
+        self.control.bind()
+        try:
+            with trio.CancelScope() as scope:
+                self._cancel = scope
+                async with trio.open_nursery() as nursery:
+                    for endpoint in self.endpoints:
+                        nursery.start_soon(endpoint.serve)
+                    nursery.start_soon(self._timers)
+                    nursery.start_soon(self.control.serve)
+                    if self.options.handle_signals:
+                        nursery.start_soon(self._signals)
+                    self._start_dht(now)
+                    log.info(
+                        "daemon up key=%s listen=%s",
+                        self.identity.public_key.hex(),
+                        ",".join(format_address(e.local) for e in self.endpoints),
+                    )
+                    self.events.publish("daemon.up", public_key=self.identity.public_key.hex())
+                    task_status.started()
+        finally:
+            self.save_routing_table()
+            for endpoint in self.endpoints:
+                endpoint.close()
+            log.info("daemon down")
+
+    def shutdown(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                self.shutdown()
+                return
+
+    def _start_dht(self, now: float) -> None:
+        assert self.dht is not None
+        for public_key, address in self._load_routing_table():
+            self.dht.add_candidate(public_key, address, now)
+        own = [e.local for e in self.endpoints]
+        self.dht.bootstrap([a for a in self.options.bootstrap if a not in own], now)
+        self.dht.set_record_addresses(self.record_addresses(), [], now)
+        self._flush()
+
+    # --- datagrams and time --------------------------------------------------------------------
+
+    def _on_dht(self, data: bytes, source: Address, endpoint: Endpoint) -> None:
+        assert self.dht is not None and self.clock is not None
+        self.dht.receive(data, source, self.clock.now())
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what the core queued, hand its events out, and re-arm the timer if needed."""
+        assert self.dht is not None
+        for address, data in self.dht.datagrams_to_send():
+            self._endpoint_for(address).send(address, data)
+        for event in self.dht.events():
+            self._on_event(event)
+        if self.dht.next_timeout() < self._sleep_until:
+            self._wake.set()
+
+    def _endpoint_for(self, address: Address) -> Endpoint:
+        want_v6 = ":" in address[0]
+        for endpoint in self.endpoints:
+            if (":" in endpoint.local[0]) == want_v6 or ":" in endpoint.local[0]:
+                return endpoint
+        return self.endpoints[0]
+
+    async def _timers(self) -> None:
+        assert self.dht is not None and self.clock is not None
+        while True:
+            self._sleep_until = self.dht.next_timeout()
+            with trio.move_on_at(self.clock.to_trio(self._sleep_until)):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self._sleep_until = float("inf")
+            self.dht.handle_timeouts(self.clock.now())
+            self._flush()
+
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, LookupDone):
+            waiter = self._lookup_waiters.pop(event.lookup_id, None)
+            if waiter is not None:
+                waiter.send_nowait(event)
+        elif isinstance(event, ContactVerified):
+            self.events.publish(
+                "peer.added", public_key=event.public_key.hex(), address=format_address(event.address)
+            )
+        elif isinstance(event, PublicAddressObserved):
+            self._on_observed(event.address)
+
+    def _on_observed(self, address: Address) -> None:
+        """Peers agree on how they see us: add a public address to our record if it is new."""
+        assert self.dht is not None and self.clock is not None
+        if address in self._observed or address in [e.local for e in self.endpoints]:
+            return
+        self._observed = [address, *self._observed][:2]
+        self.events.publish("address.observed", address=format_address(address))
+        self.dht.set_record_addresses(self.record_addresses(), [], self.clock.now())
+
+    def record_addresses(self) -> list[Address]:
+        """Where others can reach us: bound addresses (wildcards expanded), then observed ones."""
+        out: list[Address] = []
+        for endpoint in self.endpoints:
+            host, port = endpoint.local
+            if host in ("0.0.0.0", "::"):
+                out.extend((ip, port) for ip in _interface_addresses(with_v6=host == "::"))
+            else:
+                out.append((host, port))
+        for address in self._observed:
+            if address not in out:
+                out.insert(0, address)
+        return out[:4]
+
+    # --- operations used by the control socket -----------------------------------------------
+
+    async def lookup(self, public_key: bytes, timeout: float = LOOKUP_TIMEOUT) -> LookupDone:
+        assert self.dht is not None and self.clock is not None
+        send, receive = trio.open_memory_channel[LookupDone](1)
+        lookup_id = self.dht.find_record(public_key, self.clock.now())
+        self._lookup_waiters[lookup_id] = send
+        self._flush()
+        try:
+            with trio.fail_after(timeout):
+                return await receive.receive()
+        finally:
+            self._lookup_waiters.pop(lookup_id, None)
+
+    def info(self) -> dict[str, Any]:
+        assert self.dht is not None
+        record = self.dht.own_record
+        return {
+            "api_version": control.API_VERSION,
+            "public_key": self.identity.public_key.hex(),
+            "node_id": self.identity.node_id.hex(),
+            "safety_words": safety_words(self.identity.public_key),
+            "listen": [format_address(e.local) for e in self.endpoints],
+            "addresses": [format_address(a) for a in record.addresses] if record else [],
+            "relay": self.options.relay,
+            "peers": len(self.dht.table),
+            "records_stored": len(self.dht.store),
+            "uptime_s": round(time.time() - self.started, 1),
+            "pid": os.getpid(),
+            "dht": {
+                "received": self.dht.stats.received,
+                "sent": self.dht.stats.sent,
+                "bytes_received": self.dht.stats.bytes_received,
+                "bytes_sent": self.dht.stats.bytes_sent,
+                "dropped": self.dht.stats.dropped,
+            },
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        assert self.dht is not None and self.clock is not None
+        now = self.clock.now()
+        return [
+            {
+                "public_key": c.public_key.hex(),
+                "address": format_address(c.address),
+                "last_seen_s": round(now - c.last_seen, 1),
+                "rtt_ms": None if c.rtt is None else round(c.rtt * 1000, 2),
+                "failures": c.failures,
+            }
+            for c in sorted(self.dht.table, key=lambda c: c.node_id)
+        ]
+
+    def _register_methods(self) -> None:
+        method = self.control.method
+
+        @method("node.info")
+        async def _info(params: dict[str, Any]) -> Any:
+            return self.info()
+
+        @method("dht.peers")
+        async def _peers(params: dict[str, Any]) -> Any:
+            return self.peers()
+
+        @method("dht.lookup")
+        async def _lookup(params: dict[str, Any]) -> Any:
+            try:
+                public_key = parse_public_key(param(params, "public_key", str))
+            except IdentityError as exc:
+                raise RpcError(control.INVALID_PARAMS, str(exc)) from None
+            timeout = param(params, "timeout", float, LOOKUP_TIMEOUT)
+            if not 0 < timeout <= 60:
+                raise RpcError(control.INVALID_PARAMS, "timeout must be in (0, 60] seconds")
+            started = time.perf_counter()
+            try:
+                done = await self.lookup(public_key, timeout)
+            except trio.TooSlowError:
+                raise RpcError(control.TIMEOUT, f"lookup timed out after {timeout:g} s") from None
+            if done.record is None:
+                raise RpcError(
+                    control.NOT_FOUND,
+                    f"no record for {public_key.hex()} (asked {done.queries} nodes)",
+                    {"queries": done.queries},
+                )
+            result = done.record.to_json()
+            result.update(
+                {
+                    "record": {
+                        "body": done.record.body.hex(),
+                        "signature": done.record.signature.hex(),
+                    },
+                    "hops": done.hops,
+                    "queries": done.queries,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                }
+            )
+            return result
+
+        @method("daemon.shutdown")
+        async def _shutdown(params: dict[str, Any]) -> Any:
+            self.shutdown()
+            return {"stopping": True}
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def save_routing_table(self) -> None:
+        if self.dht is None:
+            return
+        contacts = sorted(self.dht.table, key=lambda c: -c.last_seen)[:MAX_SAVED_CONTACTS]
+        data = [{"public_key": c.public_key.hex(), "address": list(c.address)} for c in contacts]
+        path = Path(self.options.state_dir) / ROUTING_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+
+    def _load_routing_table(self) -> list[tuple[bytes, Address]]:
+        path = Path(self.options.state_dir) / ROUTING_FILE
+        try:
+            data = json.loads(path.read_text())
+            return [
+                (parse_public_key(entry["public_key"]), (str(entry["address"][0]), int(entry["address"][1])))
+                for entry in data[:MAX_SAVED_CONTACTS]
+            ]
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError, IndexError, IdentityError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return []
+
+
+def _interface_addresses(with_v6: bool) -> list[str]:
+    """Non-loopback addresses of this host's interfaces (for a wildcard-bound socket)."""
+    import ifaddr
+
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            text = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            try:
+                addr = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if addr.is_loopback or addr.is_link_local or (addr.version == 6 and not with_v6):
+                continue
+            out.append(str(addr))
+    return out
