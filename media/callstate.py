@@ -507,10 +507,8 @@ class Call:
             self.remote_recording = msg.recording
             if params is None:
                 self._go(Input.DECLINE)
-                return self._end_sending(
-                    Reject(msg.call_id, self._take_id(), "no common codec"), now, EndReason.FAILED,
-                    "no common codec",
-                )  # fmt: skip
+                reject = Reject(msg.call_id, self._take_id(), "no common codec")
+                return self._end_sending(reject, now, EndReason.FAILED, "no common codec")
             self.params = params
             self._ring_deadline = now + RING_TIMEOUT + RING_TIMEOUT_MARGIN
             return [IncomingCall(msg, params)]
@@ -519,10 +517,9 @@ class Call:
             self._settle_offer()
             self.params = CallParams(msg.codec, msg.width, msg.height, msg.fps)
             if msg.codec not in self.caps.codecs:
-                return self._end_sending(
-                    Hangup(self._cid(), self._take_id(), "bad answer"), now, EndReason.FAILED,
-                    f"answer chose codec {msg.codec!r} we did not offer",
-                )  # fmt: skip
+                hangup = Hangup(self._cid(), self._take_id(), "bad answer")
+                detail = f"answer chose codec {msg.codec!r} we did not offer"
+                return self._end_sending(hangup, now, EndReason.FAILED, detail)
             events: list[CallEvent] = [CallAnswered(self.params)]
             if msg.recording:
                 self.remote_recording = True
@@ -549,7 +546,7 @@ class Call:
     # --- time ---
 
     def next_timeout(self) -> float | None:
-        times = [p.next_send for p in self._pending.values()]
+        times = [min(p.next_send, p.deadline) for p in self._pending.values()]
         if self.state in (CallState.OUTGOING, CallState.INCOMING) and self._ring_deadline:
             times.append(self._ring_deadline)
         if self.state is CallState.ANSWERED:
@@ -560,7 +557,7 @@ class Call:
     def handle_timeout(self, now: float) -> list[CallEvent]:
         events: list[CallEvent] = []
         for mid, p in list(self._pending.items()):
-            if mid not in self._pending or p.next_send > now:
+            if mid not in self._pending or min(p.next_send, p.deadline) > now:
                 continue
             if now >= p.deadline:
                 del self._pending[mid]

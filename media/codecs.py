@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ AUDIO_CODECS = ("opus",)
 # decoder needs a hardware accelerator, so AV1 decodes with dav1d.
 _VIDEO_ENCODERS = {"vp8": "libvpx", "h264": "libx264", "av1": "libsvtav1"}
 _VIDEO_DECODERS = {"vp8": "vp8", "h264": "h264", "av1": "libdav1d"}
-_VIDEO_ENCODER_OPTIONS: dict[str, dict[str, str]] = {
+VIDEO_ENCODER_OPTIONS: dict[str, dict[str, str]] = {
     # realtime + cpu-used 8: ~4 ms/frame at 640x480; lag 0: no look-ahead delay; error-resilient:
     # decoding continues past a lost frame; no alt-ref: no hidden frames that delay output.
     "vp8": {
@@ -64,7 +64,7 @@ KEYFRAME_INTERVAL_S = 60
 # Bitrate steps smaller than this fraction do not reopen the encoder: each reopen costs a keyframe
 # (several times a delta frame), which would feed the congestion it reacts to.
 BITRATE_HYSTERESIS = 0.15
-MIN_VIDEO_BITRATE = 30_000  # below this VP8 at 160x120 is mush; the rate controller floors here
+MIN_VIDEO_BITRATE = 30_000  # WebRTC's default video floor; below it, drop resolution instead
 MAX_VIDEO_BITRATE = 20_000_000  # far above any P2P uplink; guards against unit mistakes (kbps/bps)
 MIN_AUDIO_BITRATE = 6_000  # libopus's own minimum
 MAX_AUDIO_BITRATE = 510_000  # libopus's own maximum
@@ -118,23 +118,32 @@ class EncodedFrame:
     keyframe: bool
 
 
-def _require_int(d: dict[str, Any], key: str, low: int, high: int) -> int:
-    value = d.get(key)
+def _require_int(key: str, value: object, low: int, high: int) -> int:
     if type(value) is not int or not low <= value <= high:
         raise CodecParamsError(f"{key} must be an integer in [{low}, {high}], got {value!r}")
     return value
 
 
-def _require_choice(d: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = d.get(key)
-    if value not in choices:
+def _require_choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
         raise CodecParamsError(f"{key} must be one of {choices}, got {value!r}")
     return value
 
 
+def _require_keys(kind: str, d: object, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise CodecParamsError(f"{kind} params must be a dict, got {type(d).__name__}")
+    extra, missing = set(d) - set(keys), set(keys) - set(d)
+    if extra:
+        raise CodecParamsError(f"unknown {kind} params: {sorted(map(repr, extra))}")
+    if missing:
+        raise CodecParamsError(f"missing {kind} params: {sorted(missing)}")
+    return d
+
+
 @dataclass(frozen=True, slots=True)
 class VideoParams:
-    """Video codec parameters as exchanged in a call offer."""
+    """Video codec parameters as exchanged in a call offer; invalid values raise on creation."""
 
     codec: str = "vp8"
     width: int = 640
@@ -143,87 +152,56 @@ class VideoParams:
     bitrate: int = 500_000
 
     def __post_init__(self) -> None:
-        VideoParams.from_dict(asdict(self), _validate_only=True)
+        _require_choice("codec", self.codec, VIDEO_CODECS)
+        _require_int("width", self.width, 2, MAX_VIDEO_DIMENSION)
+        _require_int("height", self.height, 2, MAX_VIDEO_DIMENSION)
+        if self.width % 2 or self.height % 2:
+            raise CodecParamsError(
+                f"width and height must be even (yuv420p): {self.width}x{self.height}"
+            )
+        _require_int("fps", self.fps, 1, MAX_FPS)
+        _require_int("bitrate", self.bitrate, MIN_VIDEO_BITRATE, MAX_VIDEO_BITRATE)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any, _validate_only: bool = False) -> VideoParams:
-        """Parse a peer's dict; raises ``CodecParamsError`` on anything out of range."""
-        if not isinstance(d, dict):
-            raise CodecParamsError(f"video params must be a dict, got {type(d).__name__}")
-        extra = set(d) - {"codec", "width", "height", "fps", "bitrate"}
-        if extra:
-            raise CodecParamsError(f"unknown video params: {sorted(map(str, extra))}")
-        codec = _require_choice(d, "codec", VIDEO_CODECS)
-        width = _require_int(d, "width", 2, MAX_VIDEO_DIMENSION)
-        height = _require_int(d, "height", 2, MAX_VIDEO_DIMENSION)
-        if width % 2 or height % 2:
-            raise CodecParamsError(f"width and height must be even (yuv420p): {width}x{height}")
-        fps = _require_int(d, "fps", 1, MAX_FPS)
-        bitrate = _require_int(d, "bitrate", MIN_VIDEO_BITRATE, MAX_VIDEO_BITRATE)
-        if _validate_only:
-            return None  # type: ignore[return-value]
-        return cls(codec, width, height, fps, bitrate)
+    def from_dict(cls, d: object) -> VideoParams:
+        """Parse a peer's dict; raises ``CodecParamsError`` on anything missing or out of range."""
+        return cls(**_require_keys("video", d, ("codec", "width", "height", "fps", "bitrate")))
+
+
+_AUDIO_FIXED = {"sample_rate": AUDIO_RATE, "channels": 1, "frame_ms": AUDIO_FRAME_MS}
 
 
 @dataclass(frozen=True, slots=True)
 class AudioParams:
-    """Audio codec parameters as exchanged in a call offer (48 kHz mono Opus, 20 ms)."""
+    """Audio codec parameters as exchanged in a call offer (48 kHz mono Opus, 20 ms, fixed)."""
 
     codec: str = "opus"
     bitrate: int = 32_000
     fec: bool = True
-    packet_loss_pct: int = 10  # expected loss; libopus spends this much on in-band FEC
-    sample_rate: int = field(default=AUDIO_RATE, init=False)
-    channels: int = field(default=1, init=False)
-    frame_ms: int = field(default=AUDIO_FRAME_MS, init=False)
+    packet_loss_pct: int = 10  # expected loss; libopus spends more on in-band FEC as it rises
 
     def __post_init__(self) -> None:
-        AudioParams.from_dict(self.to_dict(), _validate_only=True)
+        _require_choice("codec", self.codec, AUDIO_CODECS)
+        _require_int("bitrate", self.bitrate, MIN_AUDIO_BITRATE, MAX_AUDIO_BITRATE)
+        if type(self.fec) is not bool:
+            raise CodecParamsError(f"fec must be a bool, got {self.fec!r}")
+        _require_int("packet_loss_pct", self.packet_loss_pct, 0, 100)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "codec": self.codec,
-            "bitrate": self.bitrate,
-            "fec": self.fec,
-            "packet_loss_pct": self.packet_loss_pct,
-            "sample_rate": self.sample_rate,
-            "channels": self.channels,
-            "frame_ms": self.frame_ms,
-        }
+        return {**asdict(self), **_AUDIO_FIXED}
 
     @classmethod
-    def from_dict(cls, d: Any, _validate_only: bool = False) -> AudioParams:
-        """Parse a peer's dict; raises ``CodecParamsError`` on anything out of range."""
-        if not isinstance(d, dict):
-            raise CodecParamsError(f"audio params must be a dict, got {type(d).__name__}")
-        known = {
-            "codec",
-            "bitrate",
-            "fec",
-            "packet_loss_pct",
-            "sample_rate",
-            "channels",
-            "frame_ms",
-        }
-        extra = set(d) - known
-        if extra:
-            raise CodecParamsError(f"unknown audio params: {sorted(map(str, extra))}")
-        codec = _require_choice(d, "codec", AUDIO_CODECS)
-        bitrate = _require_int(d, "bitrate", MIN_AUDIO_BITRATE, MAX_AUDIO_BITRATE)
-        fec = d.get("fec")
-        if type(fec) is not bool:
-            raise CodecParamsError(f"fec must be a bool, got {fec!r}")
-        loss = _require_int(d, "packet_loss_pct", 0, 100)
-        # Fixed by design; a peer offering anything else is not speaking our protocol.
-        _require_int(d, "sample_rate", AUDIO_RATE, AUDIO_RATE)
-        _require_int(d, "channels", 1, 1)
-        _require_int(d, "frame_ms", AUDIO_FRAME_MS, AUDIO_FRAME_MS)
-        if _validate_only:
-            return None  # type: ignore[return-value]
-        return cls(codec, bitrate, fec, loss)
+    def from_dict(cls, d: object) -> AudioParams:
+        """Parse a peer's dict; raises ``CodecParamsError`` on anything missing or out of range."""
+        keys = ("codec", "bitrate", "fec", "packet_loss_pct", *_AUDIO_FIXED)
+        fields = dict(_require_keys("audio", d, keys))
+        for key, fixed in _AUDIO_FIXED.items():
+            # Fixed by design; a peer offering anything else is not speaking our protocol.
+            _require_int(key, fields.pop(key), fixed, fixed)
+        return cls(**fields)
 
 
 class VideoEncoder:
@@ -254,7 +232,7 @@ class VideoEncoder:
         ctx.gop_size = p.fps * KEYFRAME_INTERVAL_S
         ctx.max_b_frames = 0
         ctx.thread_count = CODEC_THREADS
-        ctx.options = dict(_VIDEO_ENCODER_OPTIONS[p.codec])
+        ctx.options = dict(VIDEO_ENCODER_OPTIONS[p.codec])
         try:
             ctx.open()
         except av.FFmpegError as exc:
@@ -286,7 +264,10 @@ class VideoEncoder:
             self._reopen(fps=fps)
 
     def encode(self, frame: av.VideoFrame, force_keyframe: bool = False) -> list[EncodedFrame]:
-        """Encode one frame; pts (90 kHz) are kept strictly increasing for the encoder."""
+        """Encode one frame. Its pts (90 kHz) is raised if needed to stay strictly increasing.
+
+        A frame of another size or pixel format is converted by swscale first.
+        """
         p = self.params
         if frame.width != p.width or frame.height != p.height or frame.format.name != "yuv420p":
             src_pts = frame.pts
@@ -321,7 +302,7 @@ class VideoDecoder:
         if codec not in VIDEO_CODECS:
             raise CodecParamsError(f"video codec must be one of {VIDEO_CODECS}, got {codec!r}")
         self.codec = codec
-        self.needs_keyframe = False
+        self.needs_keyframe = True  # nothing decodes before the first keyframe
         self._ctx = self._open()
 
     def _open(self) -> av.VideoCodecContext:
@@ -332,6 +313,7 @@ class VideoDecoder:
         return ctx
 
     def decode(self, data: bytes, pts: int | None = None) -> list[av.VideoFrame]:
+        """Decode one encoded frame (pts in 90 kHz ticks, optional) into 0 or 1 pictures."""
         if not data:
             # FFmpeg reads an empty packet as end-of-stream and the decoder would go EOF.
             raise DecodeError("empty video frame")

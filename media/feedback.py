@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from media.wiremedia import (
+    MAX_FRAGMENTS,
     MAX_NACK_SEQS,
     Flags,
     MediaLocalError,
@@ -26,8 +27,9 @@ from media.wiremedia import (
 # short (it NACKs at once unless its reordering histogram says otherwise).
 NACK_REORDER_WAIT = 0.015
 # Retry a NACK after NACK_RETRY_RTTS × RTT (at least NACK_MIN_RETRY), growing by NACK_BACKOFF
-# per attempt so a dead path is not flooded.
-NACK_RETRY_RTTS = 1.2
+# per attempt so a dead path is not flooded. One RTT, as WebRTC: waiting longer costs a freeze,
+# an early retry costs at worst one duplicate packet.
+NACK_RETRY_RTTS = 1.0
 NACK_MIN_RETRY = 0.020
 NACK_BACKOFF = 1.5
 # WebRTC gives up after 10 attempts (kMaxNackRetries) and keeps at most 1000 entries
@@ -43,6 +45,10 @@ RTX_MAX_PACKETS = 2048
 # keyframe needs a round trip plus an encode to show up. WebRTC re-requests every 200 ms.
 PLI_MIN_INTERVAL = 0.200
 PLI_RETRY_RTTS = 1.5
+# The sender ignores a NACK for a packet it resent less than this many RTTs ago: that NACK
+# crossed the resend. Under one RTT, since the receiver's retry (NACK_RETRY_RTTS) plus jitter can
+# come back a little sooner than one RTT after our resend left.
+RTX_SUPPRESS_RTTS = 0.75
 # The sender makes at most one keyframe per this interval however many PLIs arrive.
 KEYFRAME_MIN_INTERVAL = 0.100
 
@@ -77,30 +83,39 @@ class NackGenerator:
     def missing(self) -> int:
         return len(self._missing)
 
-    def on_packet(self, seq: int, now: float) -> bool:
-        """Record an arrival; True when the gap is too big to NACK and a keyframe is needed."""
+    def on_packet(self, seq: int, now: float, frame_end: int | None = None) -> bool:
+        """Record an arrival; True when the gap is too big to NACK and a keyframe is needed.
+
+        `frame_end` is the seq of the last fragment of this packet's frame (seq − frag_index +
+        frag_count − 1): with it, a lost tail of a frame is noticed now, not a frame later.
+        """
         ext = self._unwrap.unwrap(seq)
+        top = ext
+        if frame_end is not None:
+            end = self._unwrap.peek(frame_end % (1 << 16))
+            if ext < end <= ext + MAX_FRAGMENTS:
+                top = end
         if self._highest is None:
             self._highest = ext
-            return False
-        if ext > self._highest:
-            gap = ext - self._highest - 1
-            if gap > NACK_MAX_LIST or len(self._missing) + gap > NACK_MAX_LIST:
-                self.given_up += len(self._missing) + gap
-                self._missing.clear()
-                self.overflows += 1
-                self._highest = ext
-                return True
-            for s in range(self._highest + 1, ext):
-                self._missing[s] = _Missing(now, now + NACK_REORDER_WAIT)
-            self._highest = ext
-            return False
         entry = self._missing.pop(ext, None)
         if entry is not None:
             if entry.tries:
                 self.recovered += 1
             else:
                 self.reordered += 1
+        if top <= self._highest:
+            return False
+        gap = top - self._highest - (1 if top == ext else 0)
+        if len(self._missing) + gap > NACK_MAX_LIST:
+            self.given_up += len(self._missing) + gap
+            self._missing.clear()
+            self.overflows += 1
+            self._highest = top
+            return True
+        for s in range(self._highest + 1, top + 1):
+            if s != ext:
+                self._missing[s] = _Missing(now, now + NACK_REORDER_WAIT)
+        self._highest = top
         return False
 
     def poll(self, now: float) -> NackPacket | None:
@@ -162,7 +177,7 @@ class RetransmissionBuffer:
                 self.unavailable += 1
                 continue
             last = self._resent.get(key)
-            if last is not None and now - last < rtt:
+            if last is not None and now - last < RTX_SUPPRESS_RTTS * rtt:
                 # Answering a retry that crossed our previous answer would double the traffic.
                 self.suppressed += 1
                 continue

@@ -27,7 +27,13 @@ AUDIO_MIN_DELAY = 0.020
 AUDIO_MAX_DELAY = 0.200
 # Video needs less smoothing of its own (a late frame shows as a tiny stall, not a click).
 VIDEO_MIN_DELAY = 0.010
-VIDEO_MAX_DELAY = 0.300
+VIDEO_MAX_DELAY = 0.400
+# Once frames have needed a retransmission, video also budgets one NACK round trip
+# (RTT + feedback.NACK_REORDER_WAIT) so a recovered frame is still on time, as WebRTC's jitter
+# estimator adds RTT when NACK is on; kept for this long after the last late frame (and at the
+# start of a call, before we know whether the path loses packets).
+RTX_DELAY_EXTRA = 0.015
+RTX_DELAY_HOLD = 10.0
 # The applied delay follows the target at most this fast (seconds per second of media): 10 %
 # time-stretch is inaudible for speech, similar to NetEq's accelerate/preemptive-expand steps.
 DELAY_SLEW_RATE = 0.10
@@ -45,7 +51,7 @@ DEFAULT_AUDIO_FRAME = 0.020
 MAX_VIDEO_FRAMES = 60
 # How long video waits for a missing frame before skipping to a keyframe:
 # NACK_WAIT_RTTS round trips (a NACK and its answer, plus one retry), within these bounds.
-NACK_WAIT_RTTS = 3.0
+NACK_WAIT_RTTS = 4.0
 MIN_VIDEO_WAIT = 0.050
 MAX_VIDEO_WAIT = 0.500
 # Lip sync never delays a stream more than this beyond what it wants itself; past half a second
@@ -66,11 +72,14 @@ class AudioOut:
 
 @dataclass(frozen=True, slots=True)
 class AudioConceal:
-    """Frame `frame_id` is lost: let the decoder conceal it (Opus FEC from the next, or PLC)."""
+    """Frame `frame_id` is lost: let the decoder conceal it. When the following frame is already
+    here, `fec_source` is it: Opus can rebuild the lost frame from its in-band FEC (RFC 6716
+    §2.1.7); otherwise the decoder falls back to packet loss concealment."""
 
     frame_id: int
     pts: float
     playout: float
+    fec_source: AssembledFrame | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +137,7 @@ class _Timing:
         self._prev: tuple[float, float] | None = None  # (arrival, pts) of the previous frame
         self.jitter = 0.0
         self.delay = lo
+        self.extra = 0.0  # added to the jitter-based target (the video's NACK budget)
         self._last_update: float | None = None
 
     def observe(self, arrival: float, pts: float) -> None:
@@ -153,11 +163,7 @@ class _Timing:
 
     @property
     def target(self) -> float:
-        return max(self._lo, min(self._hi, JITTER_MULTIPLIER * self.jitter))
-
-    @property
-    def ready(self) -> bool:
-        return bool(self._mins)
+        return max(self._lo, min(self._hi, JITTER_MULTIPLIER * self.jitter + self.extra))
 
     def playout(self, pts: float) -> float:
         return pts + self._clock.offset(self.stream)
@@ -251,7 +257,7 @@ class AudioJitterBuffer:
         frame = self._frames.pop(fid, None)
         if frame is None:
             self.concealed += 1
-            return AudioConceal(fid, pts, playout)
+            return AudioConceal(fid, pts, playout, self._frames.get(fid + 1))
         return AudioOut(frame, playout)
 
 
@@ -260,18 +266,24 @@ class AudioJitterBuffer:
 
 class VideoJitterBuffer:
     """Releases complete video frames in order; waits a bounded time for a missing one, then
-    skips to the next keyframe (asking for one when none is buffered)."""
+    skips to the next keyframe (asking for one when none is buffered).
+
+    While there is no decodable starting point (start of call, or after a skip with no keyframe
+    buffered) frames are still kept, since the keyframe may only be late (a NACK at work); a
+    keyframe is asked for only after the same bounded wait.
+    """
 
     def __init__(self, clock: PlayoutClock | None = None, rtt: float = 0.1) -> None:
         self._timing = _Timing(StreamId.VIDEO, VIDEO_MIN_DELAY, VIDEO_MAX_DELAY, clock)
         self._frames: dict[int, AssembledFrame] = {}
         self._chain = ReferenceChain()
-        self._next: int | None = None
+        self._next: int | None = None  # None: waiting for a keyframe
         self._floor = 0  # frames below this id were released or given up: late if they come
-        self._waiting_keyframe = True
         self._asked = False
         self._gap_since: float | None = None
         self.rtt = rtt
+        self._highest: int | None = None
+        self._rtx_until = float("-inf")
         self.late = 0
         self.duplicates = 0
         self.skipped = 0
@@ -279,7 +291,7 @@ class VideoJitterBuffer:
 
     @property
     def waiting_for_keyframe(self) -> bool:
-        return self._waiting_keyframe
+        return self._next is None
 
     @property
     def max_wait(self) -> float:
@@ -297,29 +309,41 @@ class VideoJitterBuffer:
         if frame.frame_id in self._frames:
             self.duplicates += 1
             return []
+        if self._highest is None:
+            self._rtx_until = now + RTX_DELAY_HOLD  # start cautious; relax if nothing is late
+        elif frame.frame_id < self._highest:
+            self._rtx_until = now + RTX_DELAY_HOLD  # it overtook: a retransmission at work
+        self._highest = max(frame.frame_id, self._highest or 0)
+        self._timing.extra = self.rtt + RTX_DELAY_EXTRA if now < self._rtx_until else 0.0
         self._timing.observe(now, frame.pts)
-        if self._waiting_keyframe:
-            if not frame.keyframe:
-                self.skipped += 1
-                if self._asked:
-                    return []
-                self._asked = True
-                return [KeyframeNeeded()]
-            self._waiting_keyframe = False
-            self._asked = False
-            self._next = frame.frame_id
-            self._gap_since = None
-            self._chain.skip_to(frame.frame_id)
         self._frames[frame.frame_id] = frame
-        if frame.frame_id != self._next and self._gap_since is None:
+        if self._next is None:
+            if frame.keyframe:
+                self.skipped += self._start_at(
+                    min(f for f, fr in self._frames.items() if fr.keyframe)
+                )
+            elif self._gap_since is None:
+                self._gap_since = now
+        elif frame.frame_id != self._next and self._gap_since is None:
             self._gap_since = now
         if len(self._frames) > MAX_VIDEO_FRAMES:
+            if self._next is None:
+                del self._frames[min(self._frames)]
+                self.skipped += 1
+                return []
             return self._give_up()
         return []
 
     def pop(self, now: float) -> list[VideoEvent]:
         out: list[VideoEvent] = []
-        while self._next is not None and self._frames:
+        while self._frames:
+            if self._next is None:
+                if self._gap_since is None:
+                    self._gap_since = now
+                if not self._asked and now >= self._gap_since + self.max_wait:
+                    self._asked = True
+                    out.append(KeyframeNeeded())
+                break
             frame = self._frames.get(self._next)
             if frame is not None:
                 playout = self._timing.playout(frame.pts)
@@ -341,35 +365,43 @@ class VideoJitterBuffer:
         return out
 
     def next_timeout(self) -> float | None:
-        if self._next is None or not self._frames:
+        if not self._frames:
             return None
+        since = self._gap_since if self._gap_since is not None else 0.0
+        if self._next is None:
+            return None if self._asked else since + self.max_wait
         frame = self._frames.get(self._next)
         if frame is not None:
             return self._timing.playout(frame.pts)
-        since = self._gap_since if self._gap_since is not None else 0.0
         return since + self.max_wait
+
+    def _start_at(self, key_id: int) -> int:
+        """Resume at keyframe `key_id`; returns how many buffered frames before it were dropped."""
+        older = [f for f in self._frames if f < key_id]
+        for fid in older:
+            del self._frames[fid]
+        self._next = self._floor = key_id
+        self._asked = False
+        self._gap_since = None
+        self._chain.skip_to(key_id)
+        return len(older)
 
     def _give_up(self) -> list[VideoEvent]:
         """Skip the missing frame(s): resume at the next buffered keyframe, or ask for one."""
         assert self._next is not None
-        keys = [fid for fid, f in self._frames.items() if f.keyframe and fid > self._next]
         first = self._next
-        self._gap_since = None
+        keys = [fid for fid, f in self._frames.items() if f.keyframe and fid > first]
         if keys:
             resume = min(keys)
-            for fid in [f for f in self._frames if f < resume]:
-                del self._frames[fid]
+            self._start_at(resume)
             self.skipped += resume - first
-            self._next = self._floor = resume
-            self._chain.skip_to(resume)
             return [VideoSkipped(first, resume - first)]
-        dropped = (max(self._frames) + 1 - first) if self._frames else 0
-        self._floor = first + dropped
+        # No keyframe buffered: nothing here is decodable; drop it all and ask for a keyframe.
+        dropped = max(self._frames) + 1 - first
         self._frames.clear()
         self.skipped += dropped
-        self._waiting_keyframe = True
-        self._asked = True
+        self._floor = first + dropped
         self._next = None
-        out: list[VideoEvent] = [VideoSkipped(first, dropped)] if dropped else []
-        out.append(KeyframeNeeded())
-        return out
+        self._asked = True
+        self._gap_since = None
+        return [VideoSkipped(first, dropped), KeyframeNeeded()]

@@ -18,7 +18,6 @@ from media.wiremedia import (
     Flags,
     MediaLocalError,
     MediaPacket,
-    MediaRemoteError,
     SeqUnwrapper,
     StreamId,
     seconds_to_ticks,
@@ -35,10 +34,6 @@ MAX_PENDING_BYTES = 1 << 20
 
 class FrameTooLarge(MediaLocalError):
     """The encoder produced a frame that does not fit MAX_FRAGMENTS packets."""
-
-
-class FragmentMismatch(MediaRemoteError):
-    """Fragments of one frame disagree about the frame (count, timestamp or keyframe flag)."""
 
 
 class Packetizer:
@@ -161,12 +156,17 @@ class FrameAssembler:
         self.frames_completed += 1
         data = b"".join(part.fragments[i] for i in range(part.count))
         pts = self._ts.unwrap(part.timestamp) / TIMESTAMP_RATE
-        return [
-            AssembledFrame(
-                self.stream, pkt.frame_id, pts, part.keyframe, data, part.codec,
-                part.first_arrival, now,
-            )
-        ]  # fmt: skip
+        frame = AssembledFrame(
+            stream=self.stream,
+            frame_id=pkt.frame_id,
+            pts=pts,
+            keyframe=part.keyframe,
+            data=data,
+            codec=part.codec,
+            first_arrival=part.first_arrival,
+            completed=now,
+        )
+        return [frame]
 
     def expire(self, now: float) -> None:
         """Drop incomplete frames older than ASSEMBLY_HORIZON and forget old completions."""

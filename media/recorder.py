@@ -1,4 +1,4 @@
-"""Crash-safe call recorder: encoded packets (no re-encode) into WebM as they arrive.
+"""Crash-safe call recorder: encoded packets (no re-encode) into WebM/Matroska as they arrive.
 
 Crash safety, as measured with PyAV 18 / FFmpeg 8 (tests/test_media_recorder.py SIGKILLs a
 recording process and reopens its file):
@@ -18,15 +18,21 @@ from fractions import Fraction
 
 import av
 
+from media.codecs import VIDEO_ENCODER_OPTIONS
+
 # Packets' timestamps are wall-clock seconds; Matroska counts milliseconds.
 _MS = Fraction(1, 1000)
 # A cluster closes after this much media time: a SIGKILL loses at most this much (plus one frame).
 CLUSTER_TIME_LIMIT_MS = 500
 # The interleaver may hold a packet at most this long waiting for other tracks (microseconds).
 MAX_INTERLEAVE_DELTA_US = 500_000
-# WebM carries VP8 and Opus without a codec-private blob we would have to synthesise.
-RECORDABLE_CODECS = {"video": ("vp8",), "audio": ("opus",)}
-_MUXER_CODEC = {"vp8": "libvpx", "opus": "libopus"}
+RECORDABLE_CODECS = {"video": ("vp8", "h264", "av1"), "audio": ("opus",)}
+# PyAV opens an encoder per output stream to fill the codec-private data (OpusHead, avcC, av1C).
+# Opened with our call settings, its headers match the packets we mux; decoders also take the
+# in-band ones (SPS/PPS, sequence header), so a mismatch would not break playback.
+_MUXER_CODEC = {"vp8": "libvpx", "h264": "libx264", "av1": "libsvtav1", "opus": "libopus"}
+# WebM admits VP8/AV1/Opus only; H.264 needs plain Matroska (same muxer, same crash behaviour).
+_WEBM_CODECS = {"vp8", "av1", "opus"}
 _AUDIO_RATE = 48_000
 
 
@@ -72,7 +78,7 @@ class Recorder:
             self._out = av.open(
                 self.path,
                 "w",
-                format="webm",
+                format="webm" if {t.codec for t in tracks} <= _WEBM_CODECS else "matroska",
                 options={
                     "live": "1",
                     "cluster_time_limit": str(CLUSTER_TIME_LIMIT_MS),
@@ -89,6 +95,7 @@ class Recorder:
                 stream = self._out.add_stream(_MUXER_CODEC[t.codec], rate=30)
                 stream.width, stream.height = t.width, t.height
                 stream.pix_fmt = "yuv420p"
+                stream.codec_context.options = dict(VIDEO_ENCODER_OPTIONS[t.codec])
             else:
                 stream = self._out.add_stream(_MUXER_CODEC[t.codec], rate=_AUDIO_RATE)
                 stream.layout = "mono"

@@ -71,6 +71,19 @@ class Stamp:
     counter: int
     send_time_ms: int  # caller's clock in ms, modulo 2**32
 
+    def send_time(self, now: float) -> float:
+        """The full send time in seconds: the value congruent to ``send_time_ms`` nearest ``now``.
+
+        The stamp keeps 32 bits of ms (49 days), so any receiver clock within ±24 days of the
+        sender's unwraps it exactly.
+        """
+        wrap = 1 << STAMP_TIME_BITS
+        now_ms = round(now * 1000)
+        delta = (self.send_time_ms - now_ms) % wrap
+        if delta >= wrap // 2:
+            delta -= wrap
+        return (now_ms + delta) / 1000
+
 
 def stamp_block_size(width: int, height: int) -> int:
     """Block edge in px for a frame size: as big as fits, capped at a macroblock, even."""

@@ -75,7 +75,8 @@ class CallStats:
             gap = now - self._last_render
             if gap < 0:
                 raise MediaLocalError("time went backwards")
-            if gap > self.freeze_threshold:
+            # The first gap only teaches us the frame rate: it cannot be judged yet.
+            if self._intervals and gap > self.freeze_threshold:
                 self._frozen += gap
                 self.freezes += 1
             self._intervals.append(gap)
@@ -120,7 +121,9 @@ class CallStats:
             "path": self.path,
             "path_changes": self._path_changes,
             "codec": self.codec,
-            "rtt_ms": 0.0 if self.rtt is None else round(self.rtt * 1000, 1),  # report wants numbers
+            "rtt_ms": 0.0
+            if self.rtt is None
+            else round(self.rtt * 1000, 1),  # report wants numbers
             "loss": round(self.loss, 4),
             "jitter_ms": round(self.jitter * 1000, 1),
             "target_bitrate": self.target_bitrate,

@@ -140,6 +140,7 @@ class MediaPacket:
         _check(0 <= self.timestamp < 1 << 32, "timestamp out of range")
         _check(0 <= self.frame_id < 1 << 32, "frame_id out of range")
         _check(0 <= self.codec < 256, "codec out of range")
+        _check(not int(self.flags) & ~_KNOWN_FLAGS, "unknown flag bits")
         _check(1 <= self.frag_count <= MAX_FRAGMENTS, "frag_count out of range")
         _check(0 <= self.frag_index < self.frag_count, "frag_index out of range")
         _check(len(self.payload) <= MAX_PAYLOAD, "payload larger than MAX_PAYLOAD")

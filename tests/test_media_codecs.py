@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import av
 import numpy as np
@@ -91,6 +92,54 @@ def test_decoder_survives_garbage_and_recovers() -> None:
     (key,) = enc.encode(src.next_frame(0.1), force_keyframe=True)
     assert read_stamp(dec.decode(key.data)[0]).counter == 1
     assert not dec.needs_keyframe
+
+
+def test_decoder_survives_missing_frames() -> None:
+    src = TestPatternSource(320, 240)
+    enc, dec = VideoEncoder("vp8", 320, 240), VideoDecoder("vp8")
+    decoded = 0
+    for i in range(20):
+        (ef,) = enc.encode(src.next_frame(i / 30), force_keyframe=i == 15)
+        if i in (5, 6, 11):
+            continue  # lost in the network: later delta frames decode with artefacts
+        frames = dec.decode(ef.data)
+        decoded += len(frames)
+        if i == 15:  # the keyframe the receiver asked for: clean picture again
+            assert read_stamp(frames[0]).counter == 15
+    assert decoded == 17
+
+
+_ENCODED: dict[str, list[bytes]] = {}
+
+
+def _encoded(codec: str) -> list[bytes]:
+    """A keyframe and a delta frame per codec, made once for the fuzz tests below."""
+    if codec not in _ENCODED:
+        src = TestPatternSource(320, 240) if codec != "av1" else TestPatternSource()
+        enc = VideoEncoder(codec, src.width, src.height)
+        _ENCODED[codec] = [enc.encode(src.next_frame(i / 30))[0].data for i in range(2)]
+    return _ENCODED[codec]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["vp8", "h264", "av1"]),
+    st.integers(0, 1),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=20),
+)
+def test_video_decoder_corrupt_frames_are_typed(
+    codec: str, which: int, flips: list[tuple[int, int]]
+) -> None:
+    """Real frames with bytes overwritten: either a frame or DecodeError, never a crash."""
+    data = bytearray(_encoded(codec)[which])
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    dec = VideoDecoder(codec)
+    with contextlib.suppress(DecodeError):
+        dec.decode(_encoded(codec)[0])
+        dec.decode(bytes(data))
+    # The decoder is still usable: a keyframe decodes.
+    assert len(dec.decode(_encoded(codec)[0])) <= 1
 
 
 @settings(max_examples=60, deadline=None)
@@ -223,3 +272,19 @@ async def test_codec_worker_default_limiter_and_errors() -> None:
     with pytest.raises(DecodeError):
         await worker.run(VideoDecoder("vp8").decode, b"")
     assert await worker.run(lambda: 7) == 7
+
+
+async def test_codec_worker_keeps_trio_loop_running() -> None:
+    """A codec call blocked in its thread still lets trio tasks run (here: the one freeing it)."""
+    released = threading.Event()
+
+    def blocking_codec_call() -> bool:
+        return released.wait(timeout=10)
+
+    async def release() -> None:
+        await trio.sleep(0)
+        released.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release)
+        assert await CodecWorker().run(blocking_codec_call) is True

@@ -13,9 +13,9 @@ from media.jitter import (
     AUDIO_MIN_DELAY,
     MAX_AUDIO_FRAMES,
     MAX_SYNC_DELAY,
+    MAX_VIDEO_FRAMES,
     AudioConceal,
     AudioJitterBuffer,
-    AudioOut,
     KeyframeNeeded,
     PlayoutClock,
     VideoJitterBuffer,
@@ -65,8 +65,16 @@ def test_steady_audio_plays_in_order_at_minimum_delay() -> None:
 def test_audio_target_delay_tracks_jitter_within_bounds() -> None:
     rnd = random.Random(1)
     calm, rough = AudioJitterBuffer(), AudioJitterBuffer()
-    run_audio(calm, {i: CLOCK_OFFSET + i * 0.02 + rnd.uniform(0, 0.005) for i in range(200)}, CLOCK_OFFSET + 4.5)
-    run_audio(rough, {i: CLOCK_OFFSET + i * 0.02 + rnd.uniform(0, 0.08) for i in range(200)}, CLOCK_OFFSET + 4.5)
+    run_audio(
+        calm,
+        {i: CLOCK_OFFSET + i * 0.02 + rnd.uniform(0, 0.005) for i in range(200)},
+        CLOCK_OFFSET + 4.5,
+    )
+    run_audio(
+        rough,
+        {i: CLOCK_OFFSET + i * 0.02 + rnd.uniform(0, 0.08) for i in range(200)},
+        CLOCK_OFFSET + 4.5,
+    )
     assert AUDIO_MIN_DELAY <= calm.target_delay < rough.target_delay <= AUDIO_MAX_DELAY
     assert rough.target_delay > 0.06  # covers most of the 80 ms spread
 
@@ -75,11 +83,16 @@ def test_lost_audio_frames_are_concealed_in_place() -> None:
     buf = AudioJitterBuffer()
     arrivals = {i: CLOCK_OFFSET + i * 0.02 + 0.01 for i in range(50) if i not in (10, 11, 30)}
     events = run_audio(buf, arrivals, CLOCK_OFFSET + 1.2)
-    kinds = [(type(e).__name__, e.frame_id if isinstance(e, AudioConceal) else e.frame.frame_id) for e in events]
+    kinds = [
+        (type(e).__name__, e.frame_id if isinstance(e, AudioConceal) else e.frame.frame_id)
+        for e in events
+    ]
     assert [fid for _, fid in kinds] == list(range(50))
     assert {fid for kind, fid in kinds if kind == "AudioConceal"} == {10, 11, 30}
-    conceal = next(e for e in events if isinstance(e, AudioConceal))
-    assert conceal.pts == pytest.approx(0.2)
+    conceal = [e for e in events if isinstance(e, AudioConceal)]
+    assert conceal[0].pts == pytest.approx(0.2)
+    # Opus in-band FEC: the frame after a lost one carries it, when it is already here
+    assert [c.fec_source.frame_id if c.fec_source else None for c in conceal] == [None, 12, 31]
     assert buf.concealed == 3
 
 
@@ -148,11 +161,26 @@ def test_video_asks_for_a_keyframe_when_none_is_buffered() -> None:
     assert buf.waiting_for_keyframe is False
 
 
-def test_video_starting_without_a_keyframe_asks_for_one() -> None:
-    buf = VideoJitterBuffer()
-    assert buf.push(video(5, CLOCK_OFFSET), CLOCK_OFFSET) == [KeyframeNeeded()]
-    assert buf.push(video(6, CLOCK_OFFSET), CLOCK_OFFSET) == []
-    assert buf.waiting_for_keyframe
+def test_video_starting_without_a_keyframe_waits_then_asks_for_one() -> None:
+    buf = VideoJitterBuffer(rtt=0.05)
+    t = CLOCK_OFFSET
+    assert buf.push(video(5, t), t) == []
+    assert buf.push(video(6, t + 0.03), t + 0.03) == []
+    assert buf.pop(t + 0.1) == []  # the keyframe may just be late (NACK at work)
+    assert buf.next_timeout() == pytest.approx(t + buf.max_wait)
+    assert buf.pop(t + buf.max_wait) == [KeyframeNeeded()]
+    assert buf.pop(t + 1) == []  # asked once; PliController repeats it
+    assert buf.push(video(7, t + 1, key=True), t + 1) == []
+    assert [e.frame.frame_id for e in buf.pop(t + 2)] == [7]
+
+
+def test_a_late_starting_keyframe_still_starts_the_stream() -> None:
+    buf = VideoJitterBuffer(rtt=0.05)
+    t = CLOCK_OFFSET
+    buf.push(video(1, t), t)
+    buf.push(video(2, t + 0.03), t + 0.03)
+    buf.push(video(0, t + 0.1, key=True), t + 0.1)  # retransmitted keyframe
+    assert [e.frame.frame_id for e in buf.pop(t + 1)] == [0, 1, 2]
 
 
 def test_lip_sync_gives_both_streams_the_larger_offset() -> None:
@@ -178,3 +206,24 @@ def test_lip_sync_never_delays_a_stream_beyond_the_cap() -> None:
     clock.propose(StreamId.VIDEO, 3.0)
     assert clock.offset(StreamId.AUDIO) == pytest.approx(0.05 + MAX_SYNC_DELAY)
     assert clock.offset(StreamId.VIDEO) == 3.0
+
+
+FRAME_IDS = st.integers(0, 2**32 - 1) | st.integers(0, 40)
+
+
+@given(
+    st.lists(
+        st.tuples(FRAME_IDS, st.booleans(), st.floats(-1e6, 1e6), st.floats(0, 3)),
+        max_size=150,
+    )
+)
+def test_video_buffer_survives_hostile_frames(items: list) -> None:
+    buf = VideoJitterBuffer(rtt=0.05)
+    shown: list[int] = []
+    for fid, key, pts, at in sorted(items, key=lambda i: i[3]):
+        frame = AssembledFrame(StreamId.VIDEO, fid, pts, key, b"v", 0, at, at)
+        buf.push(frame, at)
+        assert len(buf._frames) <= MAX_VIDEO_FRAMES
+        shown += [e.frame.frame_id for e in buf.pop(at) if isinstance(e, VideoOut)]
+    shown += [e.frame.frame_id for e in buf.pop(1e9) if isinstance(e, VideoOut)]
+    assert shown == sorted(set(shown))

@@ -29,7 +29,9 @@ from media.wiremedia import (
 
 
 @given(st.binary(min_size=1, max_size=40_000), st.booleans(), st.randoms(use_true_random=False))
-def test_frames_survive_any_order_and_duplicates(frame: bytes, key: bool, rnd: random.Random) -> None:
+def test_frames_survive_any_order_and_duplicates(
+    frame: bytes, key: bool, rnd: random.Random
+) -> None:
     pz = Packetizer(StreamId.VIDEO, first_seq=65530)
     packets = pz.packetize(frame, 12.5, key)
     for p in packets:

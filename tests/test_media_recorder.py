@@ -59,6 +59,19 @@ def test_records_all_tracks_without_reencoding(tmp_path: Path) -> None:
         assert stamps == list(range(30))
 
 
+@pytest.mark.parametrize("codec", ["h264", "av1"])
+def test_records_h264_and_av1(tmp_path: Path, codec: str) -> None:
+    path = tmp_path / f"{codec}.mkv"
+    src, enc = TestPatternSource(), VideoEncoder(codec)
+    with Recorder(path, [TrackSpec("v", "video", codec), TrackSpec("a", "audio", "opus")]) as rec:
+        for i in range(15):
+            (ef,) = enc.encode(src.next_frame(i / 30), force_keyframe=i == 10)
+            rec.write("v", ef.data, i / 30, ef.keyframe)
+    with av.open(str(path)) as container:
+        stamps = [read_stamp(f).counter for f in container.decode(video=0)]
+    assert stamps == list(range(15))
+
+
 def test_timestamps_monotonic_and_video_waits_for_keyframe(tmp_path: Path) -> None:
     path = tmp_path / "odd.webm"
     src = TestPatternSource(320, 240)
@@ -81,7 +94,7 @@ def test_bad_use_is_typed(tmp_path: Path) -> None:
     with pytest.raises(RecorderError, match="at least one"):
         Recorder(tmp_path / "a.webm", [])
     with pytest.raises(RecorderError, match="cannot record"):
-        Recorder(tmp_path / "a.webm", [TrackSpec("v", "video", "h264")])
+        Recorder(tmp_path / "a.webm", [TrackSpec("v", "video", "vp9")])
     with pytest.raises(RecorderError, match="unique"):
         Recorder(tmp_path / "a.webm", [TRACKS[0], TRACKS[0]])
     with pytest.raises(RecorderError, match="cannot create"):

@@ -39,6 +39,13 @@ def test_pattern_stamp_reads_back_raw() -> None:
         assert frame.pts == round(i / 30 * VIDEO_CLOCK_RATE)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0, 1e9), st.floats(-3600, 3600))
+def test_send_time_unwraps_against_receiver_clock(sent: float, latency: float) -> None:
+    frame = TestPatternSource(160, 120).next_frame(sent)
+    assert read_stamp(frame).send_time(sent + latency) == pytest.approx(round(sent * 1000) / 1000)
+
+
 def test_pattern_moves() -> None:
     src = TestPatternSource(320, 240)
     a = src.next_frame(0.0).to_ndarray()
@@ -163,6 +170,26 @@ def test_file_source_missing_file(tmp_path: Path) -> None:
     junk.write_bytes(b"not a video" * 100)
     with pytest.raises(SourceError):
         FileSource(junk)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.binary(min_size=0, max_size=4096), st.integers(0, 3000))
+def test_file_source_garbage_is_typed(tmp_path_factory, data: bytes, cut: int) -> None:
+    """Random bytes, or a real clip cut short: a typed error or frames, never a crash."""
+    folder = tmp_path_factory.mktemp("junk")
+    clip = folder / "clip.webm"
+    _make_clip(clip, seconds=0.2)
+    path = folder / "junk.webm"
+    path.write_bytes(clip.read_bytes()[:cut] + data if cut else data)
+    try:
+        src = FileSource(path, 160, 120)
+        if src.has_video:
+            src.next_video_frame(0.0)
+        if src.has_audio:
+            src.next_audio_frame(0.0)
+        src.close()
+    except SourceError:
+        pass
 
 
 def test_camera_absent_is_clear() -> None:

@@ -49,6 +49,8 @@ class DhtConfig:
     total_burst: float = 10000.0
     max_pending: int = 2048
     max_lookups: int = 256
+    # Advertised in every reply: this node forwards for others as a blind relay (--relay).
+    relay: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,24 @@ class PublicAddressObserved:
     address: Address
 
 
-Event = LookupDone | ContactVerified | PublicAddressObserved
+@dataclass(frozen=True)
+class Forwarded:
+    """A handshake packet that reached us through a hint node; `origin` is the sender's address
+    as the hint saw it, and answers go back through `via`."""
+
+    data: bytes
+    via: Address
+    origin: Address
+
+
+Event = LookupDone | ContactVerified | PublicAddressObserved | Forwarded
+
+# An announcement keeps us reachable through a hint for this long; owners re-announce every 20 s
+# (NAT UDP mappings last 30 s or more: RFC 4787 REQ-5 asks for at least 2 minutes, many do 30 s).
+ANNOUNCE_TTL = 60.0
+# A caller's return route through a hint lives as long as a handshake may take.
+BACK_ROUTE_TTL = 30.0
+MAX_ANNOUNCED = 4096
 
 
 @dataclass
@@ -138,6 +157,10 @@ class DhtCore:
         self._publish_lookup: int | None = None
         self._maintenance_at = now + 5.0
         self._observed: dict[Address, int] = {}
+        self._announced: dict[bytes, tuple[Address, float]] = {}  # public key -> (addr, when)
+        self._back_routes: dict[tuple[bytes, Address], float] = {}  # (callee pk, caller) -> until
+        self._forward_peers: dict[Address, float] = {}  # hints we use -> until
+        self._waiting_token: dict[Address, list[tuple[wire.Schema, dict[str, Any]]]] = {}
 
     # --- outputs -------------------------------------------------------------------------------
 
@@ -231,6 +254,88 @@ class DhtCore:
     def contacts(self) -> list[Contact]:
         return list(self.table)
 
+    def announce(self, address: Address, now: float) -> None:
+        """Tell a hint node we can be reached through it (signed, bound to its address token)."""
+        self._forward_peers[address] = now + ANNOUNCE_TTL
+        self._with_token(m.ANNOUNCE, {}, address, now)
+
+    def forward(self, hint: Address, callee: bytes, data: bytes, now: float) -> None:
+        """Ask `hint` to pass a handshake packet to `callee`, who announced to it."""
+        self._forward_peers[hint] = now + BACK_ROUTE_TTL
+        self._with_token(m.FWD_REQ, {"to": callee, "data": data}, hint, now)
+
+    def forward_back(self, hint: Address, caller: Address, data: bytes, now: float) -> None:
+        """Answer a forwarded packet through the hint it came by."""
+        self._with_token(m.FWD_BACK, {"to": wire.pack_address(caller), "data": data}, hint, now)
+
+    def announced_peers(self, now: float) -> int:
+        return sum(1 for _, when in self._announced.values() if now - when < ANNOUNCE_TTL)
+
+    # --- signalling ----------------------------------------------------------------------------
+
+    def _with_token(
+        self, schema: wire.Schema, body: dict[str, Any], address: Address, now: float
+    ) -> None:
+        """Send a token-gated request now, or after a ping has fetched the token."""
+        token = self._peer_token(address, now)
+        if token is None:
+            queue = self._waiting_token.setdefault(address, [])
+            if len(queue) < 8:
+                queue.append((schema, body))
+            if not any(p.address == address for p in self._pending.values()):
+                self._request(m.PING, {}, address, None, now, "ping")
+            return
+        tx = self.rng.randbytes(m.TX_SIZE)
+        full = {"tx": tx, "pk": self.public_key, "tok": token, **body}
+        if schema is m.ANNOUNCE:
+            full["sig"] = self.identity.sign(m.ANNOUNCE_CONTEXT + tx + token)
+        self._emit(address, m.CODEC.encode(schema, full))
+
+    def _on_signalling(
+        self, schema: wire.Schema, body: dict[str, Any], source: Address, now: float
+    ) -> None:
+        if not self._tokens.check(body["tok"], source, now):
+            self.stats.drop("signalling-without-token")
+            return
+        if schema is m.ANNOUNCE:
+            if not verify(body["pk"], m.ANNOUNCE_CONTEXT + body["tx"] + body["tok"], body["sig"]):
+                self.stats.drop("bad-announce")
+                return
+            self._announced.pop(body["pk"], None)
+            self._announced[body["pk"]] = (source, now)
+            while len(self._announced) > MAX_ANNOUNCED:
+                del self._announced[next(iter(self._announced))]
+            return
+        if schema is m.FWD_REQ:
+            target = self._announced.get(body["to"])
+            if target is None or now - target[1] >= ANNOUNCE_TTL:
+                contact = self.table.get(node_id_for(body["to"]))
+                if contact is None:
+                    self.stats.drop("forward-unknown-target")
+                    return
+                target = (contact.address, now)
+            if len(self._back_routes) > MAX_ANNOUNCED:
+                self._back_routes = {k: t for k, t in self._back_routes.items() if t > now}
+            self._back_routes[(body["to"], source)] = now + BACK_ROUTE_TTL
+            self._emit(target[0], m.CODEC.encode(
+                m.FWD, {"from": wire.pack_address(source), "data": body["data"]}))
+            return
+        caller = body["to"]
+        until = self._back_routes.get((body["pk"], caller))
+        announced = self._announced.get(body["pk"])
+        if until is None or until < now or announced is None or announced[0] != source:
+            self.stats.drop("forward-back-without-route")
+            return
+        self._emit(caller, m.CODEC.encode(
+            m.FWD, {"from": wire.pack_address(source), "data": body["data"]}))
+
+    def _on_forwarded(self, body: dict[str, Any], source: Address, now: float) -> None:
+        until = self._forward_peers.get(source)
+        if until is None or until < now:
+            self.stats.drop("forwarded-from-stranger")
+            return
+        self._events.append(Forwarded(body["data"], source, body["from"]))
+
     # --- input ---------------------------------------------------------------------------------
 
     def receive(self, data: bytes, source: Address, now: float) -> None:
@@ -244,8 +349,14 @@ class DhtCore:
         if schema is m.RESPONSE:
             self._on_response(body, source, now)
             return
+        if schema is m.FWD:
+            self._on_forwarded(body, source, now)
+            return
         if not self._total.allow(now) or not self._limiter.allow(source, now):
             self.stats.drop("rate-limited")
+            return
+        if schema in (m.ANNOUNCE, m.FWD_REQ, m.FWD_BACK):
+            self._on_signalling(schema, body, source, now)
             return
         self._on_request(schema, body, source, len(data), now)
 
@@ -274,6 +385,8 @@ class DhtCore:
             "tok": self._tokens.issue(source, now),
             "obs": wire.pack_address(source),
         }
+        if self.config.relay:
+            reply["rl"] = True
         if schema is m.FIND:
             target = body["target"]
             reply["nodes"] = [
@@ -356,9 +469,14 @@ class DhtCore:
             return
         del self._pending[inner["tx"]]
         self._peer_tokens[source] = (inner["tok"], now)
+        for schema, waiting in self._waiting_token.pop(source, []):
+            self._with_token(schema, waiting, source, now)
         self._observe(inner["obs"])
         is_new = self.table.get(node_id) is None
         self.table.verified(public_key, source, now, now - pending.sent)
+        contact = self.table.get(node_id)
+        if contact is not None:
+            contact.relay = bool(inner.get("rl", False))
         if is_new and self.table.get(node_id) is not None:
             self._events.append(ContactVerified(public_key, source, True))
         if pending.purpose == "ping" and self._bootstrap_active and len(self.table) > 0:
@@ -380,6 +498,7 @@ class DhtCore:
                 self._advance(lk, now)
 
     def _on_timeout(self, pending: _Pending, now: float) -> None:
+        self._waiting_token.pop(pending.address, None)
         if pending.node_id is not None:
             self.table.failed(pending.node_id)
         if pending.lookup_id is not None:
@@ -512,6 +631,7 @@ class DhtCore:
 
     def _maintain(self, now: float) -> None:
         self._maintenance_at = now + 5.0 + self.rng.random()
+        self._forward_peers = {a: t for a, t in self._forward_peers.items() if t > now}
         self.store.expire(now)
         for index in self.table.stale_buckets(now, self.config.refresh_interval)[:2]:
             self.lookup(self.table.random_id_in_bucket(index, self.rng.getrandbits(256)), now)

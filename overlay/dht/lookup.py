@@ -31,6 +31,9 @@ class Candidate:
 class _Path:
     candidates: list[Candidate] = field(default_factory=list)
     in_flight: int = 0
+    # A record lookup's path ends at its first valid record: Kademlia stops at the first value;
+    # we let every disjoint path bring one and keep the newest, so one liar cannot hide it.
+    satisfied: bool = False
 
 
 class Lookup:
@@ -84,6 +87,8 @@ class Lookup:
     def next_queries(self) -> list[Candidate]:
         out: list[Candidate] = []
         for p in self._paths:
+            if p.satisfied:
+                continue
             live = [c for c in p.candidates if c.state != "failed"][: self.k]
             for cand in live:
                 if p.in_flight >= self.alpha:
@@ -120,6 +125,7 @@ class Lookup:
         for pk, addr in contacts:
             self._add(path, pk, addr, cand.depth + 1)
         if record is not None and record.node_id == self.target:
+            p.satisfied = True
             self._holders[node_id] = record.seq
             if self.record is None or record.seq > self.record.seq:
                 self.record = record
@@ -137,6 +143,8 @@ class Lookup:
     @property
     def done(self) -> bool:
         for p in self._paths:
+            if p.satisfied:
+                continue
             if p.in_flight:
                 return False
             live = [c for c in p.candidates if c.state != "failed"][: self.k]

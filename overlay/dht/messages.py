@@ -82,8 +82,61 @@ RESPONSE_BODY = wire.Schema(
         wire.Field("nodes", wire.array(_contact, MAX_NODES), required=False),
         wire.Field("rec", _record, required=False),
         wire.Field("err", wire.text(120), required=False),
+        wire.Field("rl", wire.boolean(), required=False),
+    ),
+)
+
+# --- signalling through the DHT: how a caller reaches a callee behind a NAT -------------------
+# A node behind a NAT keeps a mapping open with a few "hint" nodes by announcing to them; its
+# record names them. A caller asks a hint to forward a handshake packet to the callee (FWD_REQ);
+# the callee answers back through the same hint (FWD_BACK). HyperDHT routes its handshakes the
+# same way, through the nodes a server announced to.
+ANNOUNCE_CONTEXT = b"3bc-dht-announce-v1"
+# A handshake packet (msg1 is 1231 B) and a little room.
+MAX_FORWARD_DATA = 1240
+
+ANNOUNCE = wire.Schema(
+    "announce",
+    5,
+    (
+        wire.Field("tx", _tx),
+        wire.Field("pk", _pk),
+        wire.Field("tok", _tok),
+        wire.Field("sig", wire.blob(SIGNATURE_SIZE, SIGNATURE_SIZE)),
+    ),
+)
+FWD_REQ = wire.Schema(
+    "forward-request",
+    6,
+    (
+        wire.Field("tx", _tx),
+        wire.Field("pk", _pk),
+        wire.Field("tok", _tok),
+        wire.Field("to", _pk),
+        wire.Field("data", wire.blob(1, MAX_FORWARD_DATA)),
+    ),
+)
+FWD_BACK = wire.Schema(
+    "forward-back",
+    7,
+    (
+        wire.Field("tx", _tx),
+        wire.Field("pk", _pk),
+        wire.Field("tok", _tok),
+        wire.Field("to", wire.address()),
+        wire.Field("data", wire.blob(1, MAX_FORWARD_DATA)),
+    ),
+)
+FWD = wire.Schema(
+    "forwarded",
+    8,
+    (
+        wire.Field("from", wire.address()),
+        wire.Field("data", wire.blob(1, MAX_FORWARD_DATA)),
     ),
 )
 
 REQUESTS = (PING, FIND, STORE)
-CODEC = wire.Codec(KIND_DHT, [PING, FIND, STORE, RESPONSE])
+CODEC = wire.Codec(
+    KIND_DHT, [PING, FIND, STORE, RESPONSE, ANNOUNCE, FWD_REQ, FWD_BACK, FWD]
+)

@@ -35,6 +35,7 @@ class Contact:
     last_seen: float
     failures: int = 0
     rtt: float | None = None
+    relay: bool = False  # it serves as a blind relay (said in its signed replies)
     node_id: bytes = field(init=False)
 
     def __post_init__(self) -> None:

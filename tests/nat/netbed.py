@@ -325,7 +325,9 @@ class NetBed:
             return
         self._closed = True
         for proc in self._procs:
-            _stop_proc(proc)
+            # Keep going on errors: the namespace sweep below kills what is left inside.
+            with contextlib.suppress(OSError):
+                _stop_proc(proc)
         leftovers = _teardown_namespaces(self._namespaces)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if leftovers:
@@ -572,6 +574,8 @@ class NetBed:
             raise ValueError(f"host names are letters, digits, '-' and '_': {name!r}")
         if name in self.hosts:
             raise ValueError(f"host {name!r} already exists")
+        if name == "pub" or name.endswith("-r"):
+            raise ValueError(f"{name!r} would clash with the internet or a router namespace")
         netns = self.prefix + name
         self._add_namespace(netns)
         _ip_batch(netns, ["link set lo up"])
