@@ -130,11 +130,21 @@ def id_command(ctx: click.Context, import_words: bool, show_words: bool, as_json
 @click.option("--bootstrap", "bootstrap", multiple=True, metavar="HOST:PORT",
               help="A known daemon to join through (repeatable).")
 @click.option("--relay", is_flag=True, help="Also serve as a blind relay for others' sessions.")
+@click.option("--ice/--no-ice", default=True, show_default=True,
+              help="Punch through NATs with ICE (aioice). Off for loopback-only use.")
+@click.option("--direct/--no-direct", default=True, show_default=True,
+              help="Allow direct paths; --no-direct forces relays (hides your address from peers).")
+@click.option("--stun", metavar="HOST:PORT", help="STUN server (default: a relay daemon).")
+@click.option("--turn", metavar="HOST:PORT", help="TURN server (e.g. coturn) for relayed ICE.")
+@click.option("--turn-user", metavar="USER", help="TURN username.")
+@click.option("--turn-password", metavar="PASSWORD", envvar="THREEBC_TURN_PASSWORD",
+              help="TURN password (env THREEBC_TURN_PASSWORD).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def daemon(ctx: click.Context, listen: tuple[str, ...], bootstrap: tuple[str, ...], relay: bool,
-           log_level: str) -> None:
+           ice: bool, direct: bool, stun: str | None, turn: str | None, turn_user: str | None,
+           turn_password: str | None, log_level: str) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
     import trio
 
@@ -150,13 +160,17 @@ def daemon(ctx: click.Context, listen: tuple[str, ...], bootstrap: tuple[str, ..
         identity, created = ident.load_or_create(directory)
         listen_addrs = [parse_hostport(t, DEFAULT_PORT) for t in listen] or [("0.0.0.0", DEFAULT_PORT)]
         boot = [parse_hostport(t, DEFAULT_PORT) for t in bootstrap]
+        stun_addr = parse_hostport(stun, 3478) if stun else None
+        turn_addr = parse_hostport(turn, 3478) if turn else None
     except (ident.IdentityError, ValueError) as exc:
         fail(str(exc))
         return
     if created:
         click.echo(f"Created a new identity in {directory}", err=True)
-    node = Node(identity, NodeOptions(state_dir=directory, listen=listen_addrs, bootstrap=boot,
-                                      relay=relay))
+    node = Node(identity, NodeOptions(
+        state_dir=directory, listen=listen_addrs, bootstrap=boot, relay=relay, ice=ice,
+        direct=direct, stun=stun_addr, turn=turn_addr, turn_username=turn_user,
+        turn_password=turn_password))
     try:
         trio.run(node.run)
     except OSError as exc:
@@ -236,6 +250,30 @@ def lookup(ctx: click.Context, key: str, timeout: float, as_json: bool) -> None:
     click.echo(f"seq         {result['seq']}")
     click.echo(f"found in    {result['latency_ms']} ms, {result['hops']} hops, "
                f"{result['queries']} queries")
+
+
+@cli.command()
+@state_dir_option
+@click.argument("key")
+@click.option("--count", "-c", default=4, show_default=True, help="Round trips to measure.")
+@click.option("--interval", default=0.5, show_default=True, help="Seconds between them.")
+@json_option
+@click.pass_context
+def ping(ctx: click.Context, key: str, count: int, interval: float, as_json: bool) -> None:
+    """Open an encrypted session to KEY and measure round trips; says which path it took."""
+    try:
+        ident.parse_public_key(key)
+    except ident.IdentityError as exc:
+        fail(f"bad key: {exc}")
+    result = rpc(ctx, "session.ping", 30 + count * (interval + 2), public_key=key, count=count,
+                 interval=interval)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"session to {key[:16]}… up in {result['setup_ms']} ms over a {result['path']} path")
+    for i, (rtt, path) in enumerate(zip(result["rtts_ms"], result["paths"], strict=True)):
+        click.echo(f"  seq={i} {'lost' if rtt is None else f'rtt={rtt} ms'} path={path}")
+    click.echo(f"median rtt {result['rtt_ms']} ms, {result['lost']} of {count} lost")
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from overlay.dht.core import (
     ContactVerified,
     DhtConfig,
     DhtCore,
+    Forwarded,
     LookupDone,
     PublicAddressObserved,
 )
@@ -31,7 +32,9 @@ from overlay.dht.messages import KIND_DHT
 from overlay.dht.record import format_address
 from overlay.endpoint import Endpoint
 from overlay.events import EventBus
+from overlay.dht.record import PeerRecord
 from overlay.identity import Identity, IdentityError, parse_public_key, safety_words
+from overlay.sessions import ANNOUNCE_INTERVAL, HINTS, ConnectError, SessionService
 from overlay.wire import Address
 
 log = logging.getLogger("3bc.node")
@@ -65,6 +68,14 @@ class NodeOptions:
     listen: list[Address] = field(default_factory=lambda: [("0.0.0.0", DEFAULT_PORT)])
     bootstrap: list[Address] = field(default_factory=list)
     relay: bool = False
+    # ICE through aioice; off for loopback-only use (aioice gathers every interface address).
+    ice: bool = True
+    # Direct paths on the daemon socket; off forces relays (tests, demos, privacy of one's IP).
+    direct: bool = True
+    stun: Address | None = None
+    turn: Address | None = None
+    turn_username: str | None = None
+    turn_password: str | None = None
     dht: DhtConfig = field(default_factory=DhtConfig)
     handle_signals: bool = True
 
@@ -84,7 +95,25 @@ class Node:
         self._lookup_waiters: dict[int, trio.MemorySendChannel[LookupDone]] = {}
         self._observed: list[Address] = []
         self._cancel: trio.CancelScope | None = None
+        self._hints: list[tuple[bytes, Address]] = []
+        self.options.dht.relay = options.relay
+        self.sessions = SessionService(
+            identity,
+            self.events,
+            self._now,
+            relay_server=options.relay,
+            ice=options.ice,
+            direct=options.direct,
+            stun_server=options.stun,
+            turn_server=options.turn,
+            turn_username=options.turn_username,
+            turn_password=options.turn_password,
+        )
         self._register_methods()
+
+    def _now(self) -> float:
+        assert self.clock is not None
+        return self.clock.now()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -95,7 +124,12 @@ class Node:
         for address in self.options.listen:
             endpoint = Endpoint.bind(address)
             endpoint.route([KIND_DHT], self._on_dht)
+            self.sessions.attach(endpoint)
             self.endpoints.append(endpoint)
+        self.sessions.dht = self.dht
+        self.sessions.flush_dht = self._flush  # type: ignore[method-assign]
+        self.sessions.lookup = self._lookup_record
+        self.sessions.relay_candidates = self.relay_candidates
         self.control.bind()
         try:
             with trio.CancelScope() as scope:
@@ -104,6 +138,8 @@ class Node:
                     for endpoint in self.endpoints:
                         nursery.start_soon(endpoint.serve)
                     nursery.start_soon(self._timers)
+                    await nursery.start(self.sessions.run)
+                    nursery.start_soon(self._announce_loop)
                     nursery.start_soon(self.control.serve)
                     if self.options.handle_signals:
                         nursery.start_soon(self._signals)
@@ -187,6 +223,37 @@ class Node:
             )
         elif isinstance(event, PublicAddressObserved):
             self._on_observed(event.address)
+        elif isinstance(event, Forwarded):
+            self.sessions.on_forwarded(event.data, event.via, event.origin)
+
+    def relay_candidates(self) -> list[tuple[bytes, Address]]:
+        """Relay-capable contacts, fastest first: offered to peers for relayed paths."""
+        assert self.dht is not None
+        relays = [c for c in self.dht.table if c.relay and c.failures == 0]
+        relays.sort(key=lambda c: c.rtt if c.rtt is not None else 1.0)
+        return [(c.public_key, c.address) for c in relays]
+
+    async def _announce_loop(self) -> None:
+        """Keep NAT mappings open with a few hint nodes and name them in our record, so callers
+        can reach us through them (relay-capable contacts first)."""
+        assert self.dht is not None and self.clock is not None
+        while True:
+            contacts = [c for c in self.dht.table if c.failures == 0]
+            contacts.sort(key=lambda c: (not c.relay, c.rtt if c.rtt is not None else 1.0))
+            hints = [(c.public_key, c.address) for c in contacts[:HINTS]]
+            now = self.clock.now()
+            for _pk, address in hints:
+                self.dht.announce(address, now)
+            if hints != self._hints:
+                self._hints = hints
+                self.dht.set_record_addresses(self.record_addresses(), hints, now)
+            if self.options.stun is None:
+                relays = self.relay_candidates()
+                self.sessions.stun_server = relays[0][1] if relays else (
+                    hints[0][1] if hints else None
+                )
+            self._flush()
+            await trio.sleep(ANNOUNCE_INTERVAL if hints else 1.0)
 
     def _on_observed(self, address: Address) -> None:
         """Peers agree on how they see us: add a public address to our record if it is new."""
@@ -195,7 +262,7 @@ class Node:
             return
         self._observed = [address, *self._observed][:2]
         self.events.publish("address.observed", address=format_address(address))
-        self.dht.set_record_addresses(self.record_addresses(), [], self.clock.now())
+        self.dht.set_record_addresses(self.record_addresses(), self._hints, self.clock.now())
 
     def record_addresses(self) -> list[Address]:
         """Where others can reach us: bound addresses (wildcards expanded), then observed ones."""
@@ -225,6 +292,10 @@ class Node:
         finally:
             self._lookup_waiters.pop(lookup_id, None)
 
+    async def _lookup_record(self, public_key: bytes) -> PeerRecord | None:
+        done = await self.lookup(public_key)
+        return done.record
+
     def info(self) -> dict[str, Any]:
         assert self.dht is not None
         record = self.dht.own_record
@@ -239,6 +310,8 @@ class Node:
             "peers": len(self.dht.table),
             "records_stored": len(self.dht.store),
             "uptime_s": round(time.time() - self.started, 1),
+            "sessions": self.sessions.sessions(),
+            "relay_pairs": self.sessions.relay.pair_count if self.sessions.relay else 0,
             "pid": os.getpid(),
             "dht": {
                 "received": self.dht.stats.received,
@@ -307,6 +380,46 @@ class Node:
                 }
             )
             return result
+
+        @method("session.list")
+        async def _sessions(params: dict[str, Any]) -> Any:
+            return self.sessions.sessions()
+
+        @method("session.ping")
+        async def _ping(params: dict[str, Any]) -> Any:
+            try:
+                public_key = parse_public_key(param(params, "public_key", str))
+            except IdentityError as exc:
+                raise RpcError(control.INVALID_PARAMS, str(exc)) from None
+            count = param(params, "count", int, 4)
+            interval = param(params, "interval", float, 0.5)
+            if not 1 <= count <= 1000 or not 0 <= interval <= 10:
+                raise RpcError(control.INVALID_PARAMS, "count 1..1000, interval 0..10 s")
+            try:
+                peer = await self.sessions.connect(public_key)
+            except ConnectError as exc:
+                raise RpcError(control.UNAVAILABLE, str(exc)) from None
+            rtts: list[float | None] = []
+            paths = []
+            for i in range(count):
+                if i:
+                    await trio.sleep(interval)
+                with trio.move_on_after(2.0):
+                    rtts.append(round(await peer.ping() * 1000, 3))
+                    paths.append(peer.path_kind)
+                    continue
+                rtts.append(None)
+                paths.append(peer.path_kind)
+            answered = sorted(r for r in rtts if r is not None)
+            return {
+                "peer": public_key.hex(),
+                "path": peer.path_kind,
+                "paths": paths,
+                "rtt_ms": answered[len(answered) // 2] if answered else None,
+                "rtts_ms": rtts,
+                "lost": sum(1 for r in rtts if r is None),
+                "setup_ms": peer.setup_ms,
+            }
 
         @method("daemon.shutdown")
         async def _shutdown(params: dict[str, Any]) -> Any:
