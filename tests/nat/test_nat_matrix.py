@@ -1,0 +1,86 @@
+"""Every pair from {public, full cone, restricted cone, symmetric} connects, with the path type
+the NAT test bed says is possible: direct wherever a punch can work, relayed otherwise."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from .daemons import Daemon, start_daemon, wait_ready
+
+pytestmark = pytest.mark.nat
+
+KINDS = ("public", "full_cone", "restricted_cone", "symmetric")
+# From shared/notes/nat-testbed.md (aioice on this bed) and the NAT types' definitions.
+RELAY_NEEDED = {frozenset({"restricted_cone", "symmetric"}), frozenset({"symmetric"})}
+SETTLE_TIMEOUT = 20.0
+
+
+def expected_path(a: str, b: str) -> str:
+    return "relayed" if frozenset({a, b}) in RELAY_NEEDED else "direct"
+
+
+@pytest.fixture
+def matrix(netbed, tmp_path):
+    relay_host = netbed.add_public_host("relay")
+    relay = start_daemon(relay_host, tmp_path, "--relay")
+    wait_ready(relay, peers=0)
+    daemons: dict[str, list[Daemon]] = {}
+    for kind in KINDS:
+        for i in range(2):
+            name = f"{kind[:4]}{i}"
+            host = (netbed.add_public_host(name) if kind == "public"
+                    else netbed.add_nat_host(name, nat=kind))
+            daemons.setdefault(kind, []).append(
+                start_daemon(host, tmp_path, "--bootstrap", relay.address))
+    for group in daemons.values():
+        for d in group:
+            wait_ready(d, peers=1)
+    time.sleep(1.5)  # first announcements, observed addresses and records published
+    return relay, daemons
+
+
+def settle(caller: Daemon, callee: Daemon, want: str) -> dict:
+    """Ping until the session shows the path we expect (ICE may need a moment after a relay)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    result: dict = {}
+    while time.monotonic() < deadline:
+        result = caller.call("session.ping", public_key=callee.public_key, count=2, interval=0.2)
+        if result["path"] == want and result["lost"] == 0:
+            return result
+        time.sleep(0.3)
+    return result
+
+
+def test_nat_matrix(matrix):
+    relay, daemons = matrix
+    failures = []
+    report = []
+    for a, b in itertools.combinations_with_replacement(KINDS, 2):
+        caller = daemons[a][0]
+        callee = daemons[b][1]
+        want = expected_path(a, b)
+        result = settle(caller, callee, want)
+        report.append(f"{a:>15} -> {b:<15} {result.get('path')!s:>8} "
+                      f"rtt={result.get('rtt_ms')} setup={result.get('setup_ms')}")
+        if result.get("path") != want or result.get("rtt_ms") is None:
+            failures.append(f"{a} -> {b}: wanted {want}, got {result}")
+    print("\n".join(report))
+    assert not failures, "\n".join(failures) + "\n" + caller.log()
+
+
+def test_relayed_session_moves_to_direct_when_punching_succeeds(matrix):
+    """full cone <-> symmetric: the relay path comes first, the ICE pair later, without a new
+    handshake (the session's index stays the same)."""
+    relay, daemons = matrix
+    caller, callee = daemons["symmetric"][0], daemons["full_cone"][1]
+    first = caller.call("session.ping", public_key=callee.public_key, count=1, interval=0)
+    result = settle(caller, callee, "direct")
+    assert result["path"] == "direct", result
+    sessions = [s for s in caller.call("session.list") if s["peer"] == callee.public_key]
+    assert len(sessions) == 1
+    kinds = {p["kind"] for p in sessions[0]["paths"]}
+    assert {"direct", "relayed"} <= kinds, sessions[0]
+    assert first["setup_ms"] == result["setup_ms"]  # same session, no second handshake
