@@ -111,6 +111,12 @@ MAX_LATENCY_SAMPLES = 20_000
 # (640×480@30 → 0.9 Mb/s); more only costs CPU and air time. Floor of the cap: the ladder's
 # top-rung minimum, so the rate controller can always reach its top rung.
 MAX_BITS_PER_PIXEL = 0.1
+# The quality ladder (smaller pictures, fewer frames) is followed only once the path loses at
+# least this fraction of packets (rate.LOSS_LOW: where the loss controller stops growing), and
+# until the ladder climbs back to its top. Without loss, a low target is usually the encoder
+# undershooting (GCC caps the target at 1.5 × what arrives), not a congested path: stepping down
+# then would shrink an idle call's picture for nothing.
+QUALITY_LOSS_TRIGGER = 0.02
 
 VIDEO_SOURCES_HELP = "testpattern | FILE | /dev/videoN | none"
 AUDIO_SOURCES_HELP = "tone | FILE | alsa:DEV | pulse:DEV | none"
@@ -359,6 +365,7 @@ class MediaPipeline:
         self._enc_video_worker = CodecWorker(limiter)
         self._enc_audio_worker = CodecWorker(limiter)
         self._force_key = False
+        self._ladder_active = False
         self.video_frames_sent = 0
         self.audio_frames_sent = 0
         self.capture_skipped = 0
@@ -472,7 +479,7 @@ class MediaPipeline:
         while True:
             await trio.sleep_until(next_t)
             now = trio.current_time()
-            q = self.rc.quality
+            q = self._quality()
             fps = min(self.params.fps, q.fps)
             interval = 1 / fps
             if now - next_t > MAX_CAPTURE_LAG_FRAMES * interval:
@@ -492,6 +499,18 @@ class MediaPipeline:
             self.video_frames_sent += len(frames)
             self._send_media(frames, StreamId.VIDEO, pts)
             next_t += interval
+
+    def _quality(self) -> VideoQuality:
+        """The rung to send at: the call's full size unless loss put us on the ladder."""
+        q = self.rc.quality
+        top = _ladder_top(self.params.width, self.params.height)
+        if self._ladder_active and (q.width, q.height) >= (top.width, top.height):
+            self._ladder_active = False
+        elif not self._ladder_active and self.rc.loss >= QUALITY_LOSS_TRIGGER:
+            self._ladder_active = True
+        if self._ladder_active:
+            return q
+        return VideoQuality(self.params.width, self.params.height, self.params.fps, 0)
 
     def _capture_encode_video(
         self, pts: float, force: bool, size: tuple[int, int], fps: int, bitrate: int
@@ -664,12 +683,17 @@ class MediaPipeline:
 
     async def _decode_video(self) -> None:
         dec, sink, clock = self._video_dec, self.video_sink, self._stamp_clock
+        width, height = self.params.width, self.params.height
 
         def decode(data: bytes) -> list[tuple[int | None, float | None, tuple[int, int]]]:
             out = []
             for picture in dec.decode(data):
                 counter = latency = None
+                size = (picture.width, picture.height)
                 if sink.read_stamps:
+                    if size != (width, height):
+                        # Sent smaller (quality ladder): the stamp is laid out for the call size.
+                        picture = picture.reformat(width=width, height=height)
                     try:
                         stamp = read_stamp(picture)
                     except (StampError, ValueError):
@@ -677,7 +701,7 @@ class MediaPipeline:
                     else:
                         done = clock()
                         counter, latency = stamp.counter, done - stamp.send_time(done)
-                out.append((counter, latency, (picture.width, picture.height)))
+                out.append((counter, latency, size))
             return out
 
         async for frame in self._vq_recv:

@@ -127,6 +127,7 @@ class Endpoint:
 
     async def serve(self) -> None:
         sock = self.sock
+        v4 = self.family == socket.AF_INET  # IPv4 sockets already give plain (host, port)
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(BURST):
@@ -144,7 +145,7 @@ class Endpoint:
                     self.stats.unknown_kind += 1
                     continue
                 try:
-                    handler(data, normalize(addr), self)
+                    handler(data, addr if v4 else normalize(addr), self)
                 except Exception:  # a handler bug must not take the daemon down
                     self.stats.handler_errors += 1
                     log.exception("handler for kind 0x%02x failed", data[0])

@@ -118,6 +118,7 @@ class Node:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        Path(self.options.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.clock = Clock()
         now = self.clock.now()
         self.dht = DhtCore(self.identity, self.options.dht, now=now)
@@ -208,7 +209,6 @@ class Node:
             with trio.move_on_at(self.clock.to_trio(self._sleep_until)):
                 await self._wake.wait()
             self._wake = trio.Event()
-            self._sleep_until = float("inf")
             self.dht.handle_timeouts(self.clock.now())
             self._flush()
 

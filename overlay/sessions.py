@@ -77,6 +77,7 @@ MAX_SESSIONS = 256
 HINTS = 3
 ANNOUNCE_INTERVAL = 20.0
 _PROBE = struct.Struct("!Bd8s")
+_APP_PREFIX = bytes([APP_DATA])
 
 
 class SessionClosed(Exception):
@@ -173,6 +174,7 @@ class PeerSession:
     _recv_app: trio.MemoryReceiveChannel[bytes] | None = None
     _pings: dict[bytes, trio.MemorySendChannel[float]] = field(default_factory=dict)
     _probes: dict[bytes, tuple[str, float]] = field(default_factory=dict)
+    main_paths: dict[Address, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._send_app, self._recv_app = trio.open_memory_channel[bytes](APP_QUEUE)
@@ -199,8 +201,9 @@ class PeerSession:
             raise SessionClosed("session closed")
         if len(data) > MAX_APP_DATAGRAM:
             raise ValueError(f"datagram of {len(data)} B exceeds {MAX_APP_DATAGRAM}")
-        self.last_app = self.service.now()
-        self._send_inner(bytes([APP_DATA]) + data)
+        now = self.service.now()
+        self.last_app = now
+        self._send_inner(_APP_PREFIX + data, now=now)
 
     async def receive(self) -> bytes:
         assert self._recv_app is not None
@@ -208,6 +211,18 @@ class PeerSession:
             return await self._recv_app.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise SessionClosed("session closed") from None
+
+    async def receive_batch(self, max_count: int = 256) -> list[bytes]:
+        """Everything queued (at least one datagram), with one checkpoint instead of one per
+        datagram: a reader at media or benchmark rates keeps up with the socket's bursts."""
+        assert self._recv_app is not None
+        out = [await self.receive()]
+        while len(out) < max_count:
+            try:
+                out.append(self._recv_app.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        return out
 
     async def ping(self) -> float:
         """One round trip on the active path, in seconds."""
@@ -257,12 +272,14 @@ class PeerSession:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _send_inner(self, plaintext: bytes, path_id: str | None = None) -> None:
+    def _send_inner(
+        self, plaintext: bytes, path_id: str | None = None, now: float | None = None
+    ) -> None:
         path = self.paths.get(path_id or self.selector.active or "")
         if path is None:
             return
         try:
-            packet = self.session.seal(plaintext, self.service.now())
+            packet = self.session.seal(plaintext, self.service.now() if now is None else now)
         except SessionError:
             self.close(notify=False)
             return
@@ -283,8 +300,8 @@ class PeerSession:
             self._probes.pop(next(iter(self._probes)))
         self._send_inner(_PROBE.pack(PROBE, now, nonce), path_id)
 
-    def on_plaintext(self, plaintext: bytes, path_id: str) -> None:
-        now = self.service.now()
+    def on_plaintext(self, plaintext: bytes, path_id: str, now: float) -> None:
+        changes = self.selector.changes
         before = self.selector.active_kind
         self.selector.on_receive(path_id, now)
         if not self.confirmed:
@@ -298,7 +315,10 @@ class PeerSession:
                 self._send_app.send_nowait(plaintext[1:])
             except trio.WouldBlock:
                 pass  # the reader fell behind: drop, as UDP would
-        elif kind in (PROBE, PING) and len(plaintext) == _PROBE.size:
+            if self.selector.changes != changes:
+                self._after_select(before)
+            return
+        if kind in (PROBE, PING) and len(plaintext) == _PROBE.size:
             _, sent, nonce = _PROBE.unpack(plaintext)
             reply = PROBE_ACK if kind == PROBE else PONG
             self._send_inner(_PROBE.pack(reply, sent, nonce), path_id if kind == PROBE else None)
@@ -446,11 +466,19 @@ class SessionService:
                     endpoint.send(source, out)
             return
         if self.relay is not None:
+            if data[0] == relay_mod.Kind.DATA:
+                other = self.relay.forward(data, source, self.now())
+                if other is not None:
+                    endpoint.send(other, data)
+                return
             for out in self.relay.receive(data, source, self.now()):
                 endpoint.send(out.addr, out.data)
 
     def _on_session(self, data: bytes, source: Address, endpoint: Endpoint) -> None:
-        self.handle_handshake_or_transport(data, _Route(endpoint, source))
+        if data[0] == KIND_TRANSPORT:
+            self._on_transport(data, None, endpoint, source)
+        else:
+            self.handle_handshake_or_transport(data, _Route(endpoint, source))
 
     def on_forwarded(self, data: bytes, via: Address, origin: Address) -> None:
         """A handshake packet that came through a hint node (DHT `Forwarded` event)."""
@@ -461,13 +489,20 @@ class SessionService:
         kind = data[0]
         if kind == KIND_TRANSPORT:
             if route.via is None:
-                self._on_transport(data, None, route)
+                self._on_transport(data, None, route.endpoint, route.address)
         elif kind == KIND_MSG1:
             self._on_msg1(data, route)
         else:
             self._on_msg2(data, route)
 
-    def _on_transport(self, packet: bytes, path_id: str | None, route: _Route | None = None) -> None:
+    def _on_transport(
+        self,
+        packet: bytes,
+        path_id: str | None,
+        endpoint: Endpoint | None = None,
+        source: Address | None = None,
+    ) -> None:
+        """The per-packet hot path: find the session by index, open, hand over."""
         try:
             index = peek_receiver_index(packet)
         except SessionError:
@@ -475,19 +510,21 @@ class SessionService:
         peer = self.by_index.get(index)
         if peer is None or peer.closed:
             return
+        now = self.now()
         try:
-            plaintext = peer.session.open(packet, self.now())
+            plaintext = peer.session.open(packet, now)
         except SessionError:
             return
         if path_id is None:
-            assert route is not None
-            if not self.direct_enabled:
+            if not self.direct_enabled or endpoint is None or source is None:
                 return
-            main = MainPath(route.endpoint, route.address)
-            path_id = main.path_id
-            if path_id not in peer.paths:
-                peer.add_path(main, alive=True)  # roaming: a new source address for this peer
-        peer.on_plaintext(plaintext, path_id)
+            path_id = peer.main_paths.get(source)
+            if path_id is None:
+                main = MainPath(endpoint, source)
+                path_id = peer.main_paths[source] = main.path_id
+                if path_id not in peer.paths:
+                    peer.add_path(main, alive=True)  # roaming: a new source address
+        peer.on_plaintext(plaintext, path_id, now)
 
     # --- handshakes ----------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 Per-pair outcomes are the ones our NAT test bed showed (shared/notes/nat-testbed.md, aioice with
 real iptables NATs and coturn): cone<->cone direct, full cone<->restricted direct, full
-cone<->symmetric direct, restricted<->symmetric relay, symmetric<->symmetric relay, anything<->public
-direct.
+cone<->symmetric direct, restricted<->symmetric relay, symmetric<->symmetric relay,
+anything<->public direct.
 
 Default NAT mix (shares of all hosts; change with --public/--full-cone/--restricted/--symmetric).
 NATCracker (Roverso, El-Ansary, Haridi, 2012; figures as quoted in the Macula "NAT types explained"
@@ -74,8 +74,9 @@ def pair_shares(shares: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def simulate(nodes: int, shares: dict[str, float], volunteer: float, capacity: int,
-             in_call: float, seed: int) -> dict[str, Any]:
+def simulate(
+    nodes: int, shares: dict[str, float], volunteer: float, capacity: int, in_call: float, seed: int
+) -> dict[str, Any]:
     rng = random.Random(seed)
     kinds = list(shares)
     weights = [shares[k] for k in kinds]
@@ -140,8 +141,12 @@ def plot(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], path: str) -> 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     labels = [f"{r['relay_volunteer_share_of_public']:.0%}" for r in rows]
     bottom = [0.0] * len(rows)
-    for key, color in ((DIRECT, "tab:green"), (RELAY, "tab:blue"),
-                       ("failed_relays_full", "tab:orange"), ("failed_no_relay", "tab:red")):
+    for key, color in (
+        (DIRECT, "tab:green"),
+        (RELAY, "tab:blue"),
+        ("failed_relays_full", "tab:orange"),
+        ("failed_no_relay", "tab:red"),
+    ):
         vals = [100 * r["calls"][key] for r in rows]
         ax1.bar(labels, vals, bottom=bottom, color=color, label=key)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
@@ -167,20 +172,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--full-cone", type=float, default=DEFAULT_SHARES[FULL])
     ap.add_argument("--restricted", type=float, default=DEFAULT_SHARES[RESTRICTED])
     ap.add_argument("--symmetric", type=float, default=DEFAULT_SHARES[SYMMETRIC])
-    ap.add_argument("--relay-volunteer", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 1.0],
-                    help="share of public hosts that volunteer as relays (one run each)")
+    ap.add_argument(
+        "--relay-volunteer",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.1, 0.25, 0.5, 1.0],
+        help="share of public hosts that volunteer as relays (one run each)",
+    )
     ap.add_argument("--relay-capacity", type=int, default=RELAY_CAPACITY)
     ap.add_argument("--in-call", type=float, default=BUSY_HOUR_IN_CALL)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--name", default="connectivity")
     args = ap.parse_args(argv)
-    shares = {PUBLIC: args.public, FULL: args.full_cone, RESTRICTED: args.restricted,
-              SYMMETRIC: args.symmetric}
+    shares = {
+        PUBLIC: args.public,
+        FULL: args.full_cone,
+        RESTRICTED: args.restricted,
+        SYMMETRIC: args.symmetric,
+    }
     total = sum(shares.values())
     shares = {k: v / total for k, v in shares.items()}
-    rows = [simulate(args.nodes, shares, v, args.relay_capacity, args.in_call, args.seed)
-            for v in args.relay_volunteer]
+    rows = [
+        simulate(args.nodes, shares, v, args.relay_capacity, args.in_call, args.seed)
+        for v in args.relay_volunteer
+    ]
     sweep = []
     for sym in (0.2, 0.3, 0.4, 0.48, 0.6, 0.7):
         rest = 1 - sym
@@ -189,11 +205,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sweep.append({"shares": s, **pair_shares(s), "pairs_need_relay": pair_shares(s)[RELAY]})
     for r in rows:
         c = r["calls"]
-        print(f"volunteers {r['relay_volunteer_share_of_public']:>5.0%} ({r['relays']:>5} relays): "
-              f"direct {c[DIRECT]:.1%}  relay {c[RELAY]:.1%}  failed "
-              f"{c['failed_no_relay'] + c['failed_relays_full']:.1%}  relay load mean "
-              f"{r['relay_load_calls_mean']:.2f} max {r['relay_load_calls_max']} calls")
-    payload = {"scenario": "connectivity", "args": vars(args), "rows": rows, "symmetric_sweep": sweep}
+        print(
+            f"volunteers {r['relay_volunteer_share_of_public']:>5.0%} ({r['relays']:>5} relays): "
+            f"direct {c[DIRECT]:.1%}  relay {c[RELAY]:.1%}  failed "
+            f"{c['failed_no_relay'] + c['failed_relays_full']:.1%}  relay load mean "
+            f"{r['relay_load_calls_mean']:.2f} max {r['relay_load_calls_max']} calls"
+        )
+    payload = {
+        "scenario": "connectivity",
+        "args": vars(args),
+        "rows": rows,
+        "symmetric_sweep": sweep,
+    }
     if args.json:
         path = dhtrun.write_json(args.name, payload)
         plot(rows, sweep, str(path.with_suffix(".png")))

@@ -35,7 +35,9 @@ def build(size: int, fraction: float, seed: int) -> tuple[Network, adversary.Coa
     net = Network(NetConfig(seed=seed), DhtConfig())
     coalition = adversary.Coalition()
 
-    def sybil(ident: Identity, cfg: DhtConfig, rng: random.Random, now: float) -> adversary.SybilCore:
+    def sybil(
+        ident: Identity, cfg: DhtConfig, rng: random.Random, now: float
+    ) -> adversary.SybilCore:
         return adversary.SybilCore(ident, cfg, rng, now, coalition)
 
     pick = random.Random(seed + 1)
@@ -51,8 +53,9 @@ def build(size: int, fraction: float, seed: int) -> tuple[Network, adversary.Coa
     return net, coalition
 
 
-def job(net: Network, coalition: adversary.Coalition, mode: str, paths: int, lookups: int,
-        window: float) -> dict[str, Any]:
+def job(
+    net: Network, coalition: adversary.Coalition, mode: str, paths: int, lookups: int, window: float
+) -> dict[str, Any]:
     coalition.mode = mode
     net.dht_config.paths = paths  # one config object is shared by every core
     targets: list[SimNode] | None = None
@@ -95,8 +98,9 @@ def job(net: Network, coalition: adversary.Coalition, mode: str, paths: int, loo
         stale_returned=stale,
         forged_served=coalition.forged_served,
         replays_served=coalition.replays_served,
-        bad_records_dropped=sum(n.core.stats.dropped.get("bad-record", 0) for n in net.alive
-                                if n.honest),
+        bad_records_dropped=sum(
+            n.core.stats.dropped.get("bad-record", 0) for n in net.alive if n.honest
+        ),
     )
     return row
 
@@ -111,14 +115,23 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.8), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         for paths in PATHS:
-            sel = sorted((r for r in rows if r["mode"] == mode and r["paths"] == paths),
-                         key=lambda r: r["sybil_fraction"])
-            ax.plot([100 * r["sybil_fraction"] for r in sel], [100 * r["success"] for r in sel],
-                    "o-", label=f"paths={paths} found")
+            sel = sorted(
+                (r for r in rows if r["mode"] == mode and r["paths"] == paths),
+                key=lambda r: r["sybil_fraction"],
+            )
+            ax.plot(
+                [100 * r["sybil_fraction"] for r in sel],
+                [100 * r["success"] for r in sel],
+                "o-",
+                label=f"paths={paths} found",
+            )
             if mode == adversary.POISON:
-                ax.plot([100 * r["sybil_fraction"] for r in sel],
-                        [100 * r["current_record"] for r in sel], "x--",
-                        label=f"paths={paths} newest record")
+                ax.plot(
+                    [100 * r["sybil_fraction"] for r in sel],
+                    [100 * r["current_record"] for r in sel],
+                    "x--",
+                    label=f"paths={paths} newest record",
+                )
         ax.set_title(f"{mode}: lookup success %")
         ax.set_xlabel("Sybil share of nodes %")
         ax.set_ylim(0, 102)
@@ -144,8 +157,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         net, coalition = build(args.nodes, fraction, args.seed)
         print(f"built {args.nodes} nodes, {fraction:.0%} Sybil", flush=True)
         jobs = [
-            (f"{fraction}/{mode}/paths={paths}",
-             lambda md=mode, p=paths: job(net, coalition, md, p, args.lookups, args.window))
+            (
+                f"{fraction}/{mode}/paths={paths}",
+                lambda md=mode, p=paths, n=net, c=coalition: job(
+                    n, c, md, p, args.lookups, args.window
+                ),
+            )
             for mode in args.modes
             for paths in PATHS
         ]

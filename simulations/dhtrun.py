@@ -6,6 +6,7 @@ point (churn level, attack mode, paths) in a forked child that inherits the buil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -185,8 +186,17 @@ def _brief(row: dict[str, Any]) -> str:
     return ", ".join(f"{k}={row.get(k)!r:.6}" for k in keys if k in row)
 
 
+def core_fingerprint() -> str:
+    """SHA-256 over overlay/dht/*.py: ties a result file to the exact core it ran."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent.parent / "overlay" / "dht").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
+    payload = {"overlay_dht_sha256_16": core_fingerprint(), **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path

@@ -104,9 +104,7 @@ class Network:
         self.lost = 0
         self.departures = 0
         nd = NormalDist(math.log(self.config.median_rtt), self.config.rtt_sigma)
-        self._one_way = [
-            nd.inv_cdf((i + 0.5) / _RTT_TABLE_SIZE) for i in range(_RTT_TABLE_SIZE)
-        ]
+        self._one_way = [nd.inv_cdf((i + 0.5) / _RTT_TABLE_SIZE) for i in range(_RTT_TABLE_SIZE)]
         self._one_way = [math.exp(v) / 2 for v in self._one_way]
         self.node_factory: Callable[[Identity, DhtConfig, random.Random, float], DhtCore] = (
             lambda ident, cfg, rng, now: DhtCore(ident, cfg, rng=rng, now=now)
@@ -130,9 +128,14 @@ class Network:
     ) -> SimNode:
         """Create a node, publish its record and bootstrap it from live nodes."""
         index = len(self.nodes)
-        address = (f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}", 4000 + (index >> 24))
+        address = (
+            f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}",
+            4000 + (index >> 24),
+        )
         factory = core_factory or self.node_factory
-        core = factory(self.new_identity(), self.dht_config, random.Random(self.rng.random()), self.now)
+        core = factory(
+            self.new_identity(), self.dht_config, random.Random(self.rng.random()), self.now
+        )
         node = SimNode(index, address, core, self.now, honest=honest)
         if bootstrap is None:
             bootstrap = [n.address for n in self.sample_alive(BOOTSTRAP_CONTACTS)]

@@ -28,6 +28,7 @@ from media.pipeline import (
     open_sources,
 )
 from media.session_api import MAX_SESSION_DATAGRAM, PeerSession, SessionClosed
+from overlay.identity import Identity
 
 # How long receivers keep running after senders stop, so frames in flight are played out.
 DRAIN = 0.6
@@ -101,8 +102,8 @@ class FakeSession:
             s.path_changes += 1
 
 
-KEY_A = bytes(range(32))
-KEY_B = bytes(range(32, 64))
+KEY_A = Identity(bytes([1]) * 32).public_key
+KEY_B = Identity(bytes([2]) * 32).public_key
 
 
 def session_pair(seed: int = 1, **link: float) -> tuple[FakeSession, FakeSession]:

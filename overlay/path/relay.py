@@ -416,6 +416,15 @@ class RelayServer:
         peer_present = pair.members[1 - join.member] is not None
         return [Outgoing(Joined(join.pair_id, join.member, peer_present).encode(), source)]
 
+    def forward(self, data: bytes, source: Address, now: float) -> Address | None:
+        """The DATA hot path: where to send `data` unchanged, or None to drop it. Same checks as
+        `receive`, without building message objects per packet."""
+        if len(data) < _DATA_HEADER.size or len(data) > MAX_DATA_SIZE:
+            self.stats.dropped_malformed += 1
+            return None
+        out = self._on_data(Data(data[1 : 1 + PAIR_ID_SIZE], b""), len(data), data, source, now)
+        return out[0].addr if out else None
+
     def _on_data(
         self, message: Data, size: int, raw: bytes, source: Address, now: float
     ) -> list[Outgoing]:

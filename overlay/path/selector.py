@@ -53,10 +53,13 @@ class PathSelector:
         self._choose(now)
 
     def on_receive(self, path_id: str, now: float) -> None:
+        """Called per authenticated packet: cheap unless the path just came (back) alive."""
         state = self.paths.get(path_id)
         if state is not None:
+            was_alive = state.alive(now)
             state.last_rx = now
-            self._choose(now)
+            if not was_alive:
+                self._choose(now)
 
     def on_rtt(self, path_id: str, sample: float) -> None:
         state = self.paths.get(path_id)

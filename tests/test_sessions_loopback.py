@@ -1,0 +1,132 @@
+"""Sessions between real daemons on 127.0.0.1: direct, forced through relays, relay failover."""
+
+import os
+import socket
+
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from overlay.identity import Identity
+from overlay.node import Node, NodeOptions
+from overlay.sessions import decode_offer, encode_offer
+from tests.conftest import free_udp_port
+
+
+async def start(nursery, tmp_path, name, bootstrap=None, **options):
+    state = tmp_path / name
+    state.mkdir()
+    node = Node(
+        Identity.generate(),
+        NodeOptions(
+            state_dir=state,
+            listen=[("127.0.0.1", free_udp_port())],
+            bootstrap=[bootstrap.endpoints[0].local] if bootstrap else [],
+            handle_signals=False,
+            ice=False,
+            **options,
+        ),
+    )
+    await nursery.start(node.run)
+    return node
+
+
+async def network(nursery, tmp_path, relays=2, direct=True):
+    first = await start(nursery, tmp_path, "r0", relay=True)
+    extra = [await start(nursery, tmp_path, f"r{i}", first, relay=True) for i in range(1, relays)]
+    a = await start(nursery, tmp_path, "a", first, direct=direct)
+    b = await start(nursery, tmp_path, "b", first, direct=direct)
+    with trio.fail_after(10):
+        while not (a.relay_candidates() and b.relay_candidates() and a._hints and b._hints):
+            await trio.sleep(0.05)
+    await trio.sleep(0.5)  # records republished with hints
+    return [first, *extra], a, b
+
+
+async def test_direct_session_carries_datagrams_both_ways(tmp_path):
+    async with trio.open_nursery() as nursery:
+        _, a, b = await network(nursery, tmp_path, relays=1)
+        received = []
+        b.sessions.incoming = lambda peer: nursery.start_soon(echo, peer, received)
+        peer = await a.sessions.connect(b.identity.public_key)
+        assert peer.path_kind == "direct"
+        for i in range(50):
+            peer.send(b"hello %d" % i)
+        with trio.fail_after(5):
+            answers = [await peer.receive() for _ in range(50)]
+        assert answers == [b"HELLO %d" % i for i in range(50)]
+        assert peer.peer_public_key == b.identity.public_key
+        rtt = await peer.ping()
+        assert rtt > 0
+        nursery.cancel_scope.cancel()
+
+
+async def echo(peer, received):
+    while True:
+        data = await peer.receive()
+        received.append(data)
+        peer.send(data.upper())
+
+
+async def test_forced_relay_session_and_failover_to_the_second_relay(tmp_path):
+    async with trio.open_nursery() as nursery:
+        relays, a, b = await network(nursery, tmp_path, relays=2, direct=False)
+        b.sessions.incoming = lambda peer: nursery.start_soon(echo, peer, [])
+        peer = await a.sessions.connect(b.identity.public_key)
+        assert peer.path_kind == "relayed"
+        with trio.fail_after(5):
+            while sum(s.alive(a.sessions.now()) for s in peer.selector.paths.values()) < 2:
+                await trio.sleep(0.05)
+        active = peer.selector.active
+        # Kill the relay the session is using: shut its daemon down entirely.
+        dead = next(r for r in relays if f"relay:127.0.0.1:{r.endpoints[0].local[1]}" == active)
+        dead.shutdown()
+        lost_at = trio.current_time()
+        answered = None
+        with trio.fail_after(10):
+            while answered is None:
+                peer.send(b"still there?")
+                with trio.move_on_after(0.2):
+                    answered = await peer.receive()
+        assert answered == b"STILL THERE?"
+        assert trio.current_time() - lost_at < 3.0
+        assert peer.selector.active != active
+        assert peer.path_kind == "relayed"
+        nursery.cancel_scope.cancel()
+
+
+async def test_session_garbage_is_dropped_and_daemon_keeps_serving(tmp_path):
+    async with trio.open_nursery() as nursery:
+        _, a, b = await network(nursery, tmp_path, relays=1)
+        target = b.endpoints[0].local
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(2000):
+                kind = bytes([(0x00, 0x01, 0xE1, 0xE2, 0xE3, 0xE4, 0xF1, 0xF4)[i % 8]])
+                s.sendto(kind + os.urandom(i % 1300), target)
+                if i % 100 == 0:
+                    await trio.sleep(0.005)
+        await trio.sleep(0.3)
+        b.sessions.incoming = lambda peer: nursery.start_soon(echo, peer, [])
+        peer = await a.sessions.connect(b.identity.public_key)
+        peer.send(b"ok")
+        with trio.fail_after(5):
+            assert await peer.receive() == b"OK"
+        assert sum(e.stats.handler_errors for e in b.endpoints) == 0
+        nursery.cancel_scope.cancel()
+
+
+@given(st.binary(max_size=1100))
+def test_offer_parser_gives_value_errors_only(data):
+    try:
+        decode_offer(data)
+    except ValueError:
+        pass
+
+
+def test_offer_round_trip_and_trimming():
+    ice = {"ufrag": "abcd", "pwd": "x" * 22, "candidates": [f"candidate {i}" * 8 for i in range(30)]}
+    relays = [(bytes([i]) * 32, ("203.0.113.5", 1000 + i)) for i in range(2)]
+    data = encode_offer(ice, relays)
+    offer = decode_offer(data)
+    assert offer["relays"] == relays
+    assert 0 < len(offer["ice"]["candidates"]) < 30  # trimmed to fit the handshake
