@@ -70,12 +70,21 @@ def real_daemons(nodes: int = NODES, idle_window: float = IDLE_WINDOW) -> dict[s
         try:
             for i, port in enumerate(ports):
                 state = Path(root) / f"n{i}"
-                args = [*exe, "--state-dir", str(state), "daemon", "--listen", f"127.0.0.1:{port}",
-                        "--log-level", "warning"]
+                args = [
+                    *exe,
+                    "--state-dir",
+                    str(state),
+                    "daemon",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--log-level",
+                    "warning",
+                ]
                 if i:
                     args += ["--bootstrap", f"127.0.0.1:{ports[0]}"]
-                procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL))
+                procs.append(
+                    subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                )
                 states.append(state)
                 _wait_socket(state)
             time.sleep(3)

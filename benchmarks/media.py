@@ -1,13 +1,15 @@
-"""Media benchmark: a 1:1 call in one process over an in-memory, lossless, zero-delay session.
+"""Media benchmark: a 1:1 call between two processes over a lossless, zero-delay local link.
 
-Both ends send the test pattern (640×480, 30 fps, VP8) and a tone (Opus), and decode each other.
-Measured:
-- stack-added latency: capture (the stamp's send time) → decoded picture, read back from the
-  stamp; the fake link adds no delay, so this is all ours: encode, packetize, jitter buffer
-  (with lip sync to audio), decode, thread hand-offs. Median and p95 over both directions, after a
-  short warm-up.
-- CPU seconds per call-minute for both ends together: process CPU time over the call, scaled to
-  60 s. It includes generating the test pattern (a camera costs a colour conversion instead).
+Each end runs in its own process (as two daemons would; PyAV's encoders hold the GIL, so two ends
+in one process would block each other and overstate jitter), joined by a Unix datagram socket
+pair wrapped as a PeerSession. Both send the test pattern (640×480, 30 fps, VP8) and a tone
+(Opus) and decode each other. Measured:
+- stack-added latency: capture (the stamp's send time, CLOCK_MONOTONIC, shared by processes) →
+  decoded picture; the link adds no delay of its own, so this is all ours: encode, packetize,
+  jitter buffer (lip-synced to audio), decode, thread hand-offs. Median and p95 over both
+  directions, after a short warm-up.
+- CPU seconds per call-minute for both ends together: the two processes' CPU time over the call,
+  scaled to 60 s. It includes generating the test pattern (a camera costs a colour conversion).
 
 Run: ``.venv/bin/python -m benchmarks.media [SECONDS]`` (default 40 s).
 """
@@ -15,7 +17,9 @@ Run: ``.venv/bin/python -m benchmarks.media [SECONDS]`` (default 40 s).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import resource
+import socket
 import sys
 import time
 from typing import Any
@@ -24,7 +28,7 @@ import trio
 
 from media.callstate import CallParams
 from media.pipeline import MediaOptions, MediaPipeline, open_sources
-from tests.test_media_pipeline import pump, session_pair
+from media.session_api import SessionClosed
 
 DEFAULT_SECONDS = 40.0
 # Latency samples from the first seconds are left out: the encoder's first keyframe and the
@@ -41,51 +45,112 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def _call(seconds: float) -> dict[str, Any]:
+class _SocketSession:
+    """A PeerSession over one end of a Unix datagram socket pair (no crypto: a local link)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._raw = sock  # sends: a plain non-blocking send never waits
+        self._sock = trio.socket.from_stdlib_socket(sock)
+        self.peer_public_key = bytes(32)
+        self.path_kind = "direct"
+        self.path_changes = 0
+        self.rtt: float | None = None
+        self.closed = False
+        self.dropped = 0
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._raw.send(data)
+        except BlockingIOError:
+            self.dropped += 1  # a full socket buffer is loss, as on a real link
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._sock.recv(2048)
+        except OSError as exc:
+            raise SessionClosed(str(exc)) from None
+
+
+async def _end(sock: socket.socket, seconds: float, start_at: float) -> dict[str, Any]:
+    """One end of the call: send, receive, and measure for `seconds` from `start_at`."""
     params = CallParams(CODEC, WIDTH, HEIGHT, FPS)
-    options = MediaOptions(width=WIDTH, height=HEIGHT, fps=FPS)
-    a, b = session_pair(delay=LINK_DELAY)
-    pa = MediaPipeline(a, params, open_sources(options))
-    pb = MediaPipeline(b, params, open_sources(options))
-    cpu0 = time.process_time()
-    wall0 = time.monotonic()
-    warm: dict[int, int] = {}
+    session = _SocketSession(sock)
+    pipeline = MediaPipeline(
+        session, params, open_sources(MediaOptions(width=WIDTH, height=HEIGHT, fps=FPS))
+    )
+    await trio.sleep(max(0.0, start_at - time.monotonic()))
+
+    async def pump() -> None:
+        while True:
+            pipeline.handle_datagram(await session.receive(), trio.current_time())
+
     async with trio.open_nursery() as nursery:
-        for session, pipeline in ((a, pa), (b, pb)):
-            nursery.start_soon(pipeline.run)
-            nursery.start_soon(pump, session, pipeline)
+        nursery.start_soon(pipeline.run)
+        nursery.start_soon(pump)
+        cpu0, wall0 = time.process_time(), time.monotonic()
         await trio.sleep(WARMUP_SECONDS)
-        warm = {id(p): len(p.video_sink.latencies) for p in (pa, pb)}
+        warm = len(pipeline.video_sink.latencies)
         await trio.sleep(seconds - WARMUP_SECONDS)
-        cpu = time.process_time() - cpu0
-        wall = time.monotonic() - wall0
-        snaps = [pa.snapshot(), pb.snapshot()]
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        snap = pipeline.snapshot()
         nursery.cancel_scope.cancel()
-    latencies = [
-        x - LINK_DELAY for p in (pa, pb) for x in list(p.video_sink.latencies)[warm[id(p)] :]
-    ]
-    sent = pa.video_frames_sent + pb.video_frames_sent
-    decoded = pa.video_sink.frames + pb.video_sink.frames
     return {
-        "setup": f"{WIDTH}x{HEIGHT}@{FPS} {CODEC} + opus, both directions, lossless 0-delay link",
+        "cpu": cpu,
+        "wall": wall,
+        "latencies": [x - LINK_DELAY for x in list(pipeline.video_sink.latencies)[warm:]],
+        "sent": pipeline.video_frames_sent,
+        "decoded": pipeline.video_sink.frames,
+        "bitrate_sent": snap["bitrate_sent"],
+        "send_size": snap["send_size"],
+        "link_drops": session.dropped,
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def _child(sock: socket.socket, seconds: float, start_at: float, out: Any) -> None:
+    out.send(trio.run(_end, sock, seconds, start_at))
+    out.close()
+
+
+def _call(seconds: float) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("fork")
+    socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    start_at = time.monotonic() + 1.0  # both ends start together, after forking
+    pipes, procs = [], []
+    for sock in socks:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(sock, seconds, start_at, send))
+        proc.start()
+        pipes.append(recv)
+        procs.append(proc)
+    ends = [p.recv() for p in pipes]
+    for proc in procs:
+        proc.join()
+    latencies = [x for e in ends for x in e["latencies"]]
+    wall = max(e["wall"] for e in ends)
+    return {
+        "setup": f"{WIDTH}x{HEIGHT}@{FPS} {CODEC} + opus, both directions, two processes, "
+        "lossless 0-delay link",
         "call_seconds": round(wall, 1),
         "latency_ms_median": round(1000 * _percentile(latencies, 0.5), 1),
         "latency_ms_p95": round(1000 * _percentile(latencies, 0.95), 1),
         "latency_samples": len(latencies),
         "latency_target_ms": LATENCY_TARGET_MS,
-        "cpu_s_per_call_minute": round(cpu * 60 / wall, 2),
+        "cpu_s_per_call_minute": round(sum(e["cpu"] for e in ends) * 60 / wall, 2),
         "cpu_target_s_per_minute": CPU_TARGET_S_PER_MIN,
-        "video_frames_sent": sent,
-        "video_frames_decoded": decoded,
-        "bitrate_sent_bps": [s["bitrate_sent"] for s in snaps],
-        "send_sizes": [s["send_size"] for s in snaps],
-        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "video_frames_sent": sum(e["sent"] for e in ends),
+        "video_frames_decoded": sum(e["decoded"] for e in ends),
+        "link_drops": sum(e["link_drops"] for e in ends),
+        "bitrate_sent_bps": [e["bitrate_sent"] for e in ends],
+        "send_sizes": [e["send_size"] for e in ends],
+        "max_rss_mb_per_end": [e["max_rss_mb"] for e in ends],
     }
 
 
 def main(seconds: float = DEFAULT_SECONDS) -> dict[str, Any]:
     """Run the call, print the figures as JSON and return them."""
-    result = trio.run(_call, seconds)
+    result = _call(seconds)
     print(json.dumps(result, indent=2))
     return result
 

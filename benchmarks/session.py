@@ -10,6 +10,7 @@ Each side runs in its own process (2 cores: sender and receiver, or sender/forwa
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -170,8 +171,14 @@ def session_throughput(duration: float = DURATION) -> dict[str, Any]:
         target_q.put(keys["receiver"])
         sender = mp.Process(
             target=_daemon,
-            args=(f"{root}/s", sport, rport, "sender", q,
-                  {"target": target_q.get, "duration": duration}),
+            args=(
+                f"{root}/s",
+                sport,
+                rport,
+                "sender",
+                q,
+                {"target": target_q.get, "duration": duration},
+            ),
             daemon=True,
         )
         sender.start()
@@ -229,10 +236,8 @@ def _blast(sock: socket.socket, addr: tuple[str, int], make: Any, duration: floa
     n = 0
     while time.perf_counter() < end:
         for _ in range(BURST):
-            try:
+            with contextlib.suppress(BlockingIOError):
                 sock.sendto(make(), addr)
-            except BlockingIOError:
-                pass
             n += 1
     return n
 
@@ -325,10 +330,14 @@ def main() -> dict[str, Any]:
         "relay_plain_loop": plain,
         "relay_ratio": round(relayed["pkt_per_s"] / plain["pkt_per_s"], 3),
     }
-    print(f"session: {session['pkt_per_s']:.0f} pkt/s vs limit loop {limit['pkt_per_s']:.0f} "
-          f"-> ratio {result['session_ratio']} (target >= 0.7)")
-    print(f"relay:   {relayed['pkt_per_s']:.0f} pkt/s vs plain forwarder "
-          f"{plain['pkt_per_s']:.0f} -> ratio {result['relay_ratio']} (target >= 0.5)")
+    print(
+        f"session: {session['pkt_per_s']:.0f} pkt/s vs limit loop {limit['pkt_per_s']:.0f} "
+        f"-> ratio {result['session_ratio']} (target >= 0.7)"
+    )
+    print(
+        f"relay:   {relayed['pkt_per_s']:.0f} pkt/s vs plain forwarder "
+        f"{plain['pkt_per_s']:.0f} -> ratio {result['relay_ratio']} (target >= 0.5)"
+    )
     return result
 
 

@@ -39,7 +39,9 @@ class ControlClient:
             ) from None
         except PermissionError:
             sock.close()
-            raise ClientError(f"not allowed to open {self.path} (it belongs to another user)") from None
+            raise ClientError(
+                f"not allowed to open {self.path} (it belongs to another user)"
+            ) from None
         self._sock = sock
         return self
 

@@ -91,9 +91,15 @@ def id_command(ctx: click.Context, import_words: bool, show_words: bool, as_json
     try:
         if import_words:
             if ident.key_path(directory).exists():
-                fail(f"an identity already exists at {ident.key_path(directory)}; "
-                     "move it away first to import another")
-            phrase = click.prompt("24 words", hide_input=True) if sys.stdin.isatty() else sys.stdin.read()
+                fail(
+                    f"an identity already exists at {ident.key_path(directory)}; "
+                    "move it away first to import another"
+                )
+            phrase = (
+                click.prompt("24 words", hide_input=True)
+                if sys.stdin.isatty()
+                else sys.stdin.read()
+            )
             identity = ident.Identity.from_words(phrase)
             ident.save(directory, identity)
             created = True
@@ -125,26 +131,62 @@ def id_command(ctx: click.Context, import_words: bool, show_words: bool, as_json
 
 @cli.command()
 @state_dir_option
-@click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
-              help="UDP address to bind (repeatable). Default 0.0.0.0:30956.")
-@click.option("--bootstrap", "bootstrap", multiple=True, metavar="HOST:PORT",
-              help="A known daemon to join through (repeatable).")
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="UDP address to bind (repeatable). Default 0.0.0.0:30956.",
+)
+@click.option(
+    "--bootstrap",
+    "bootstrap",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A known daemon to join through (repeatable).",
+)
 @click.option("--relay", is_flag=True, help="Also serve as a blind relay for others' sessions.")
-@click.option("--ice/--no-ice", default=True, show_default=True,
-              help="Punch through NATs with ICE (aioice). Off for loopback-only use.")
-@click.option("--direct/--no-direct", default=True, show_default=True,
-              help="Allow direct paths; --no-direct forces relays (hides your address from peers).")
+@click.option(
+    "--ice/--no-ice",
+    default=True,
+    show_default=True,
+    help="Punch through NATs with ICE (aioice). Off for loopback-only use.",
+)
+@click.option(
+    "--direct/--no-direct",
+    default=True,
+    show_default=True,
+    help="Allow direct paths; --no-direct forces relays (hides your address from peers).",
+)
 @click.option("--stun", metavar="HOST:PORT", help="STUN server (default: a relay daemon).")
 @click.option("--turn", metavar="HOST:PORT", help="TURN server (e.g. coturn) for relayed ICE.")
 @click.option("--turn-user", metavar="USER", help="TURN username.")
-@click.option("--turn-password", metavar="PASSWORD", envvar="THREEBC_TURN_PASSWORD",
-              help="TURN password (env THREEBC_TURN_PASSWORD).")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--turn-password",
+    metavar="PASSWORD",
+    envvar="THREEBC_TURN_PASSWORD",
+    help="TURN password (env THREEBC_TURN_PASSWORD).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 @click.pass_context
-def daemon(ctx: click.Context, listen: tuple[str, ...], bootstrap: tuple[str, ...], relay: bool,
-           ice: bool, direct: bool, stun: str | None, turn: str | None, turn_user: str | None,
-           turn_password: str | None, log_level: str) -> None:
+def daemon(
+    ctx: click.Context,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    relay: bool,
+    ice: bool,
+    direct: bool,
+    stun: str | None,
+    turn: str | None,
+    turn_user: str | None,
+    turn_password: str | None,
+    log_level: str,
+) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
     import trio
 
@@ -158,7 +200,9 @@ def daemon(ctx: click.Context, listen: tuple[str, ...], bootstrap: tuple[str, ..
     directory = state_dir(ctx)
     try:
         identity, created = ident.load_or_create(directory)
-        listen_addrs = [parse_hostport(t, DEFAULT_PORT) for t in listen] or [("0.0.0.0", DEFAULT_PORT)]
+        listen_addrs = [parse_hostport(t, DEFAULT_PORT) for t in listen] or [
+            ("0.0.0.0", DEFAULT_PORT)
+        ]
         boot = [parse_hostport(t, DEFAULT_PORT) for t in bootstrap]
         stun_addr = parse_hostport(stun, 3478) if stun else None
         turn_addr = parse_hostport(turn, 3478) if turn else None
@@ -167,10 +211,21 @@ def daemon(ctx: click.Context, listen: tuple[str, ...], bootstrap: tuple[str, ..
         return
     if created:
         click.echo(f"Created a new identity in {directory}", err=True)
-    node = Node(identity, NodeOptions(
-        state_dir=directory, listen=listen_addrs, bootstrap=boot, relay=relay, ice=ice,
-        direct=direct, stun=stun_addr, turn=turn_addr, turn_username=turn_user,
-        turn_password=turn_password))
+    node = Node(
+        identity,
+        NodeOptions(
+            state_dir=directory,
+            listen=listen_addrs,
+            bootstrap=boot,
+            relay=relay,
+            ice=ice,
+            direct=direct,
+            stun=stun_addr,
+            turn=turn_addr,
+            turn_username=turn_user,
+            turn_password=turn_password,
+        ),
+    )
     try:
         trio.run(node.run)
     except OSError as exc:
@@ -221,8 +276,15 @@ def peers(ctx: click.Context, as_json: bool) -> None:
         click.echo("no peers yet (is a --bootstrap daemon reachable?)")
         return
     _print_table(
-        [[p["public_key"], p["address"], f"{p['last_seen_s']} s",
-          "-" if p["rtt_ms"] is None else f"{p['rtt_ms']} ms"] for p in result],
+        [
+            [
+                p["public_key"],
+                p["address"],
+                f"{p['last_seen_s']} s",
+                "-" if p["rtt_ms"] is None else f"{p['rtt_ms']} ms",
+            ]
+            for p in result
+        ],
         ["public key", "address", "seen", "rtt"],
     )
 
@@ -248,8 +310,9 @@ def lookup(ctx: click.Context, key: str, timeout: float, as_json: bool) -> None:
     if result["relays"]:
         click.echo(f"relays      {', '.join(r['address'] for r in result['relays'])}")
     click.echo(f"seq         {result['seq']}")
-    click.echo(f"found in    {result['latency_ms']} ms, {result['hops']} hops, "
-               f"{result['queries']} queries")
+    click.echo(
+        f"found in    {result['latency_ms']} ms, {result['hops']} hops, {result['queries']} queries"
+    )
 
 
 @cli.command()
@@ -265,8 +328,14 @@ def ping(ctx: click.Context, key: str, count: int, interval: float, as_json: boo
         ident.parse_public_key(key)
     except ident.IdentityError as exc:
         fail(f"bad key: {exc}")
-    result = rpc(ctx, "session.ping", 30 + count * (interval + 2), public_key=key, count=count,
-                 interval=interval)
+    result = rpc(
+        ctx,
+        "session.ping",
+        30 + count * (interval + 2),
+        public_key=key,
+        count=count,
+        interval=interval,
+    )
     if as_json:
         emit_json(result)
         return

@@ -111,6 +111,11 @@ MAX_LATENCY_SAMPLES = 20_000
 # (640×480@30 → 0.9 Mb/s); more only costs CPU and air time. Floor of the cap: the ladder's
 # top-rung minimum, so the rate controller can always reach its top rung.
 MAX_BITS_PER_PIXEL = 0.1
+# Opus work runs on the trio thread, not in a worker: measured here, a worker-thread hand-off
+# costs ~310 µs of CPU, while decoding a 20 ms Opus frame costs ~40 µs and encoding one ~270 µs
+# (so the loop is blocked < 0.3 ms per 20 ms). With threads, audio alone cost 13 CPU-s per
+# call-minute. Encoding stays in a worker when the source itself may block (device, file).
+INLINE_AUDIO_SOURCES = ("tone",)
 # The quality ladder (smaller pictures, fewer frames) is followed only once the path loses at
 # least this fraction of packets (rate.LOSS_LOW: where the loss controller stops growing), and
 # until the ladder climbs back to its top. Without loss, a low target is usually the encoder
@@ -382,7 +387,6 @@ class MediaPipeline:
         self._video_dec = VideoDecoder(params.codec)
         self._audio_dec = AudioDecoder()
         self._dec_video_worker = CodecWorker(limiter)
-        self._dec_audio_worker = CodecWorker(limiter)
         self.video_sink = VideoSink()
         self.audio_sink = AudioSink()
         self.wire_errors = 0
@@ -547,7 +551,10 @@ class MediaPipeline:
                 return enc.encode(frame)
 
             try:
-                frames = await self._enc_audio_worker.run(capture_encode)
+                if self.audio_in.spec in INLINE_AUDIO_SOURCES:
+                    frames = capture_encode()
+                else:  # a device or file read can block: keep it off the trio thread
+                    frames = await self._enc_audio_worker.run(capture_encode)
             except (CodecError, SourceError) as exc:
                 raise PipelineError(f"audio sender stopped: {exc}") from exc
             self.audio_frames_sent += len(frames)
@@ -725,7 +732,7 @@ class MediaPipeline:
 
         async for data in self._aq_recv:
             try:
-                samples = await self._dec_audio_worker.run(decode, data)
+                samples = decode(data)  # inline: see INLINE_AUDIO_SOURCES
             except DecodeError:
                 self.stats.count("audio_decode_errors")
                 continue

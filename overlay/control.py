@@ -7,6 +7,7 @@ whoever speaks here can place calls as the owner. The API is documented in docs/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -121,10 +122,8 @@ class ControlServer:
                     nursery.start_soon(self._client, conn)
         finally:
             self._listener.close()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            except FileNotFoundError:
-                pass
 
     async def _client(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)

@@ -117,8 +117,14 @@ class Endpoint:
             return False
         except OSError as exc:
             # Unreachable networks and ICMP errors from earlier sends land here; UDP shrugs.
-            if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED,
-                                 errno.EPERM, errno.EINVAL, errno.EAFNOSUPPORT):
+            if exc.errno not in (
+                errno.ENETUNREACH,
+                errno.EHOSTUNREACH,
+                errno.ECONNREFUSED,
+                errno.EPERM,
+                errno.EINVAL,
+                errno.EAFNOSUPPORT,
+            ):
                 log.warning("send to %s failed: %s", address, exc)
             self.stats.send_dropped += 1
             return False

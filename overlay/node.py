@@ -29,10 +29,9 @@ from overlay.dht.core import (
     PublicAddressObserved,
 )
 from overlay.dht.messages import KIND_DHT
-from overlay.dht.record import format_address
+from overlay.dht.record import PeerRecord, format_address
 from overlay.endpoint import Endpoint
 from overlay.events import EventBus
-from overlay.dht.record import PeerRecord
 from overlay.identity import Identity, IdentityError, parse_public_key, safety_words
 from overlay.sessions import ANNOUNCE_INTERVAL, HINTS, ConnectError, SessionService
 from overlay.wire import Address
@@ -219,7 +218,9 @@ class Node:
                 waiter.send_nowait(event)
         elif isinstance(event, ContactVerified):
             self.events.publish(
-                "peer.added", public_key=event.public_key.hex(), address=format_address(event.address)
+                "peer.added",
+                public_key=event.public_key.hex(),
+                address=format_address(event.address),
             )
         elif isinstance(event, PublicAddressObserved):
             self._on_observed(event.address)
@@ -249,8 +250,8 @@ class Node:
                 self.dht.set_record_addresses(self.record_addresses(), hints, now)
             if self.options.stun is None:
                 relays = self.relay_candidates()
-                self.sessions.stun_server = relays[0][1] if relays else (
-                    hints[0][1] if hints else None
+                self.sessions.stun_server = (
+                    relays[0][1] if relays else (hints[0][1] if hints else None)
                 )
             self._flush()
             await trio.sleep(ANNOUNCE_INTERVAL if hints else 1.0)
@@ -443,7 +444,10 @@ class Node:
         try:
             data = json.loads(path.read_text())
             return [
-                (parse_public_key(entry["public_key"]), (str(entry["address"][0]), int(entry["address"][1])))
+                (
+                    parse_public_key(entry["public_key"]),
+                    (str(entry["address"][0]), int(entry["address"][1])),
+                )
                 for entry in data[:MAX_SAVED_CONTACTS]
             ]
         except FileNotFoundError:

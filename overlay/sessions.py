@@ -9,6 +9,7 @@ session move from a relay to a punched path (or to a second relay) without a new
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -137,15 +138,13 @@ class IcePath:
 
     def send(self, packet: bytes) -> None:
         if self.outbox is not None:
-            try:
+            with contextlib.suppress(
+                trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+            ):
                 self.outbox.send_nowait(packet)
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
         else:
-            try:
+            with contextlib.suppress(PathError):
                 self.socket.send_nowait(packet)
-            except PathError:
-                pass
 
 
 AnyPath = MainPath | RelayPath | IcePath
@@ -311,10 +310,9 @@ class PeerSession:
         if kind >= APP_DATA:
             self.last_app = now
             assert self._send_app is not None
-            try:
+            # A reader that fell behind loses datagrams, as UDP would.
+            with contextlib.suppress(trio.WouldBlock):
                 self._send_app.send_nowait(plaintext[1:])
-            except trio.WouldBlock:
-                pass  # the reader fell behind: drop, as UDP would
             if self.selector.changes != changes:
                 self._after_select(before)
             return
@@ -581,10 +579,8 @@ class SessionService:
             self._send_route(route, result.message)
             return
         self.pending.pop(index, None)
-        try:
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
             pending.done.send_nowait((result, route))
-        except (trio.WouldBlock, trio.BrokenResourceError):
-            pass
 
     def _send_route(self, route: _Route, data: bytes) -> None:
         if route.via is None:
@@ -674,9 +670,7 @@ class SessionService:
         self.by_index[session.local_index] = peer
         if initiator:
             self._confirmed(peer)
-        self.events.publish(
-            "session.up", peer=peer.peer_public_key.hex(), initiator=initiator
-        )
+        self.events.publish("session.up", peer=peer.peer_public_key.hex(), initiator=initiator)
         return peer
 
     def _confirmed(self, peer: PeerSession) -> None:
@@ -879,4 +873,3 @@ def _loopback_only(record: PeerRecord) -> bool:
 
 def median_ms(values: list[float]) -> float:
     return round(statistics.median(values) * 1000, 3)
-

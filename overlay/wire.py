@@ -187,8 +187,15 @@ def unpack(data: bytes, max_size: int = MAX_DATAGRAM) -> Any:
             max_map_len=_MAX_CONTAINER,
             max_ext_len=0,
         )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            UnicodeDecodeError, RecursionError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as exc:
         raise MalformedError(f"not msgpack: {exc.__class__.__name__}") from None
 
 

@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--paths", type=int, default=DhtConfig().paths)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
+        "--real-crypto",
+        action="store_true",
+        help="real Ed25519 instead of the MAC stand-in (slow; to check the stand-in)",
+    )
+    ap.add_argument(
         "--what-if",
         choices=whatif.PATCHES,
         default=None,

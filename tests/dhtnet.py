@@ -21,10 +21,15 @@ class MemoryNet:
         self.events: dict[Address, list[Event]] = {}
         self.sent_to: list[tuple[Address, Address, bytes]] = []  # (src, dst, data), all traffic
 
-    def add(self, address: Address, config: DhtConfig | None = None,
-            identity: Identity | None = None) -> DhtCore:
-        core = DhtCore(identity or Identity(self.rng.randbytes(32)), config,
-                       rng=random.Random(self.rng.random()), now=self.now)
+    def add(
+        self, address: Address, config: DhtConfig | None = None, identity: Identity | None = None
+    ) -> DhtCore:
+        core = DhtCore(
+            identity or Identity(self.rng.randbytes(32)),
+            config,
+            rng=random.Random(self.rng.random()),
+            now=self.now,
+        )
         self.nodes[address] = core
         self.events[address] = []
         return core
@@ -73,7 +78,9 @@ class MemoryNet:
                     return event
         raise AssertionError("lookup did not finish")
 
-    def build(self, count: int, config: DhtConfig | None = None, settle: float = 30.0) -> list[Address]:
+    def build(
+        self, count: int, config: DhtConfig | None = None, settle: float = 30.0
+    ) -> list[Address]:
         addresses = [(f"10.0.{i // 250}.{i % 250 + 1}", 4000) for i in range(count)]
         for address in addresses:
             core = self.add(address, config)

@@ -14,9 +14,12 @@ from tests.conftest import free_udp_port
 
 
 async def start(nursery, tmp_path):
-    node = Node(Identity.generate(), NodeOptions(state_dir=tmp_path,
-                                                 listen=[("127.0.0.1", free_udp_port())],
-                                                 handle_signals=False))
+    node = Node(
+        Identity.generate(),
+        NodeOptions(
+            state_dir=tmp_path, listen=[("127.0.0.1", free_udp_port())], handle_signals=False
+        ),
+    )
     await nursery.start(node.run)
     return node
 
@@ -55,7 +58,8 @@ async def test_bad_requests_get_json_rpc_errors_and_the_daemon_keeps_serving(tmp
             b'["jsonrpc", "2.0"]\n',
             b'{"jsonrpc": "2.0", "id": 1, "method": "no.such"}\n',
             b'{"jsonrpc": "2.0", "id": 2, "method": "dht.lookup", "params": {"public_key": 5}}\n',
-            b'{"jsonrpc": "2.0", "id": 3, "method": "dht.lookup", "params": {"public_key": "zz"}}\n',
+            b'{"jsonrpc": "2.0", "id": 3, "method": "dht.lookup", '
+            b'"params": {"public_key": "zz"}}\n',
             b'{"jsonrpc": "2.0", "id": 4, "method": "node.info", "params": []}\n',
             b'{"jsonrpc": "2.0", "id": 5, "method": "node.info"}\n',
         )
@@ -78,10 +82,15 @@ async def test_events_subscription_sees_peers_join(tmp_path):
         stream = await trio.open_unix_socket(str(socket_path(tmp_path / "a")))
         await stream.send_all(b'{"jsonrpc": "2.0", "id": 1, "method": "events.subscribe"}\n')
         (tmp_path / "b").mkdir()
-        b = Node(Identity.generate(), NodeOptions(state_dir=tmp_path / "b",
-                                                  listen=[("127.0.0.1", free_udp_port())],
-                                                  bootstrap=[a.endpoints[0].local],
-                                                  handle_signals=False))
+        b = Node(
+            Identity.generate(),
+            NodeOptions(
+                state_dir=tmp_path / "b",
+                listen=[("127.0.0.1", free_udp_port())],
+                bootstrap=[a.endpoints[0].local],
+                handle_signals=False,
+            ),
+        )
         await nursery.start(b.run)
         buffer = b""
         with trio.fail_after(5):
@@ -90,8 +99,10 @@ async def test_events_subscription_sees_peers_join(tmp_path):
         lines = [json.loads(x) for x in buffer.splitlines() if x.strip()]
         assert lines[0]["result"] == {"subscribed": True}
         events = [x["params"] for x in lines[1:]]
-        assert any(e["type"] == "peer.added" and e["public_key"] == b.identity.public_key.hex()
-                   for e in events)
+        assert any(
+            e["type"] == "peer.added" and e["public_key"] == b.identity.public_key.hex()
+            for e in events
+        )
         await stream.aclose()
         nursery.cancel_scope.cancel()
 
@@ -99,9 +110,12 @@ async def test_events_subscription_sees_peers_join(tmp_path):
 async def test_second_daemon_on_same_state_dir_is_refused(tmp_path):
     async with trio.open_nursery() as nursery:
         await start(nursery, tmp_path)
-        other = Node(Identity.generate(), NodeOptions(state_dir=tmp_path,
-                                                      listen=[("127.0.0.1", free_udp_port())],
-                                                      handle_signals=False))
+        other = Node(
+            Identity.generate(),
+            NodeOptions(
+                state_dir=tmp_path, listen=[("127.0.0.1", free_udp_port())], handle_signals=False
+            ),
+        )
         try:
             await other.run()
         except OSError as exc:

@@ -43,7 +43,9 @@ async def test_thirty_daemons_find_every_other_by_key(tmp_path):
                     continue
                 done = await a.lookup(b.identity.public_key, timeout=5)
                 if done.record is None or done.record.addresses != (b.endpoints[0].local,):
-                    failures.append((a.identity.public_key.hex()[:8], b.identity.public_key.hex()[:8]))
+                    failures.append(
+                        (a.identity.public_key.hex()[:8], b.identity.public_key.hex()[:8])
+                    )
         assert not failures, f"{len(failures)} of 870 lookups failed: {failures[:5]}"
         nursery.cancel_scope.cancel()
 
@@ -83,9 +85,14 @@ async def test_routing_table_is_saved_and_reused(tmp_path):
         await trio.sleep(0.2)
         assert (last.options.state_dir / "routing.json").exists()
         # Restart with no bootstrap at all: the saved table alone must bring it back.
-        again = Node(last.identity, NodeOptions(state_dir=last.options.state_dir,
-                                                listen=[last.endpoints[0].local],
-                                                handle_signals=False))
+        again = Node(
+            last.identity,
+            NodeOptions(
+                state_dir=last.options.state_dir,
+                listen=[last.endpoints[0].local],
+                handle_signals=False,
+            ),
+        )
         await nursery.start(again.run)
         await trio.sleep(1.5)
         assert {c.public_key for c in again.dht.table} & known

@@ -42,8 +42,12 @@ def test_no_reply_larger_than_a_tokenless_request():
     net = MemoryNet(seed=4)
     addrs = net.build(30)
     victim = ("10.9.9.9", 53)  # spoofed source, never verified
-    body = {"tx": b"\x01" * 8, "pk": Identity.generate().public_key, "target": bytes(32),
-            "rec": True}
+    body = {
+        "tx": b"\x01" * 8,
+        "pk": Identity.generate().public_key,
+        "target": bytes(32),
+        "rec": True,
+    }
     small = m.CODEC.encode(m.FIND, body)
     net.inject(victim, addrs[3], small)
     net.run_for(0.1)
@@ -55,14 +59,14 @@ def test_no_reply_larger_than_a_tokenless_request():
     replies = [d for s, dst, d in net.sent_to if dst == victim]
     assert len(replies) == 1
     assert len(replies[0]) <= len(padded)
-    schema, reply = m.CODEC.decode(replies[0])
+    _schema, reply = m.CODEC.decode(replies[0])
     inner = m.RESPONSE_BODY.validate(wire.unpack(reply["b"]))
     assert 0 < len(inner["nodes"]) < 20  # trimmed, not refused
 
 
 def test_padded_request_gets_full_reply_and_token_then_no_padding():
     net = MemoryNet(seed=5)
-    addrs = net.build(30)
+    net.build(30)
     requests: dict[tuple, list[bytes]] = {}
     for src, dst, data in net.sent_to:
         if m.CODEC.decode(data)[0] is not m.RESPONSE:
@@ -81,8 +85,13 @@ def test_requester_enters_table_only_after_proving_its_key():
     honest = net.nodes[addrs[5]]
     liar_pk = Identity.generate().public_key  # claimed, but the liar holds no such key
     liar = ("10.7.7.7", 7000)
-    body = {"tx": b"\x02" * 8, "pk": liar_pk, "target": bytes(32), "rec": False,
-            "pad": bytes(m.PAD_TO)}
+    body = {
+        "tx": b"\x02" * 8,
+        "pk": liar_pk,
+        "target": bytes(32),
+        "rec": False,
+        "pad": bytes(m.PAD_TO),
+    }
     net.inject(liar, addrs[5], m.CODEC.encode(m.FIND, body))
     net.run_for(0.1)
     pings = [d for s, dst, d in net.sent_to if dst == liar and m.CODEC.decode(d)[0] is m.PING]
@@ -90,9 +99,12 @@ def test_requester_enters_table_only_after_proving_its_key():
     # The liar answers with a response signed by a different key: it must not get in.
     _, ping = m.CODEC.decode(pings[0])
     impostor = Identity.generate()
-    inner = wire.pack({"tx": ping["tx"], "pk": liar_pk, "tok": bytes(16),
-                       "obs": wire.pack_address(addrs[5])})
-    forged = m.CODEC.encode(m.RESPONSE, {"b": inner, "s": impostor.sign(m.RESPONSE_CONTEXT + inner)})
+    inner = wire.pack(
+        {"tx": ping["tx"], "pk": liar_pk, "tok": bytes(16), "obs": wire.pack_address(addrs[5])}
+    )
+    forged = m.CODEC.encode(
+        m.RESPONSE, {"b": inner, "s": impostor.sign(m.RESPONSE_CONTEXT + inner)}
+    )
     net.inject(liar, addrs[5], forged)
     net.run_for(3)
     assert honest.table.get(node_id_for(liar_pk)) is None
@@ -154,8 +166,15 @@ def test_forged_record_in_a_reply_is_ignored():
         store = net.nodes[a].store
         if a != addrs[4] and store.get(victim.node_id, net.now) is not None:
             entry = store._entries[victim.node_id]
-            entry.record = type(rec)(rec.public_key, (("10.66.6.6", 6),), (), rec.seq + 1,
-                                     rec.expires, rec.body, forged_sig)
+            entry.record = type(rec)(
+                rec.public_key,
+                (("10.66.6.6", 6),),
+                (),
+                rec.seq + 1,
+                rec.expires,
+                rec.body,
+                forged_sig,
+            )
     done = net.lookup(addrs[11], victim.public_key)
     assert done.record is None or done.record.signature == rec.signature
     assert net.nodes[addrs[11]].stats.dropped.get("bad-record", 0) >= 1

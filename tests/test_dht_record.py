@@ -97,6 +97,13 @@ def test_address_count_is_bounded():
     rec = record(addrs=tuple(("203.0.113.1", p) for p in range(1, 10)))
     assert len(rec.addresses) == 4
     with pytest.raises(RecordError):
-        body = wire.pack({"pk": ALICE.public_key, "addrs": [[bytes(4), 1]] * 9, "relays": [],
-                          "seq": 1, "exp": NOW})
+        body = wire.pack(
+            {
+                "pk": ALICE.public_key,
+                "addrs": [[bytes(4), 1]] * 9,
+                "relays": [],
+                "seq": 1,
+                "exp": NOW,
+            }
+        )
         parse_record([body, ALICE.sign(b"3bc-peer-record-v1" + body)])

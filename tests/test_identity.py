@@ -22,7 +22,7 @@ def test_key_file_is_created_owner_only(tmp_path):
 def test_refuses_key_file_others_can_read(tmp_path):
     ident.load_or_create(tmp_path)
     os.chmod(ident.key_path(tmp_path), 0o644)
-    with pytest.raises(ident.IdentityError, match="readable by others.*chmod 600"):
+    with pytest.raises(ident.IdentityError, match=r"readable by others.*chmod 600"):
         ident.load(tmp_path)
 
 

@@ -18,7 +18,7 @@ from overlay.dht import messages as m
 from overlay.dht.lookup import Lookup
 from overlay.dht.ratelimit import KeyedLimiter, TokenBucket
 from overlay.dht.record import PeerRecord, RecordError, check_fresh, parse_record, sign_record
-from overlay.dht.routing import K, Contact, RoutingTable
+from overlay.dht.routing import Contact, K, RoutingTable
 from overlay.dht.store import RecordStore
 from overlay.dht.tokens import TokenIssuer
 from overlay.identity import Identity, node_id_for, verify
@@ -317,8 +317,10 @@ class DhtCore:
             if len(self._back_routes) > MAX_ANNOUNCED:
                 self._back_routes = {k: t for k, t in self._back_routes.items() if t > now}
             self._back_routes[(body["to"], source)] = now + BACK_ROUTE_TTL
-            self._emit(target[0], m.CODEC.encode(
-                m.FWD, {"from": wire.pack_address(source), "data": body["data"]}))
+            self._emit(
+                target[0],
+                m.CODEC.encode(m.FWD, {"from": wire.pack_address(source), "data": body["data"]}),
+            )
             return
         caller = body["to"]
         until = self._back_routes.get((body["pk"], caller))
@@ -326,8 +328,9 @@ class DhtCore:
         if until is None or until < now or announced is None or announced[0] != source:
             self.stats.drop("forward-back-without-route")
             return
-        self._emit(caller, m.CODEC.encode(
-            m.FWD, {"from": wire.pack_address(source), "data": body["data"]}))
+        self._emit(
+            caller, m.CODEC.encode(m.FWD, {"from": wire.pack_address(source), "data": body["data"]})
+        )
 
     def _on_forwarded(self, body: dict[str, Any], source: Address, now: float) -> None:
         until = self._forward_peers.get(source)
@@ -523,8 +526,10 @@ class DhtCore:
             # Cache-on-path repair: holders of no or an older record get the newest one.
             for node_id in lk.outdated_holders()[:3]:
                 contact = self.table.get(node_id)
-                address = contact.address if contact else next(
-                    (c.address for c in closest if c.node_id == node_id), None
+                address = (
+                    contact.address
+                    if contact
+                    else next((c.address for c in closest if c.node_id == node_id), None)
                 )
                 if address is not None:
                     self._store_to(address, node_id, lk.record, now)
@@ -550,8 +555,9 @@ class DhtCore:
         token = self._peer_token(address, now)
         if token is None:
             return
-        self._request(m.STORE, {"rec": record.to_wire(), "tok": token}, address, node_id, now,
-                      "store")
+        self._request(
+            m.STORE, {"rec": record.to_wire(), "tok": token}, address, node_id, now, "store"
+        )
 
     # --- sending -------------------------------------------------------------------------------
 

@@ -80,9 +80,7 @@ class Lookup:
         for dropped in p.candidates[4 * self.k :]:
             if dropped.state == "new":
                 del self._owner[dropped.node_id]
-        p.candidates = [
-            c for i, c in enumerate(p.candidates) if i < 4 * self.k or c.state != "new"
-        ]
+        p.candidates = [c for i, c in enumerate(p.candidates) if i < 4 * self.k or c.state != "new"]
 
     def next_queries(self) -> list[Candidate]:
         out: list[Candidate] = []
@@ -169,7 +167,5 @@ class Lookup:
             return []
         seq = self.record.seq
         return [
-            c.node_id
-            for c in self.closest_answered()
-            if self._holders.get(c.node_id, -1) < seq
+            c.node_id for c in self.closest_answered() if self._holders.get(c.node_id, -1) < seq
         ]

@@ -4,8 +4,8 @@ requester's random transaction id, which is how a node proves it holds its key."
 from __future__ import annotations
 
 from overlay import wire
-from overlay.identity import NODE_ID_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 from overlay.dht.tokens import TOKEN_SIZE
+from overlay.identity import NODE_ID_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 
 KIND_DHT = 0xD0
 TX_SIZE = 8
@@ -137,6 +137,4 @@ FWD = wire.Schema(
 )
 
 REQUESTS = (PING, FIND, STORE)
-CODEC = wire.Codec(
-    KIND_DHT, [PING, FIND, STORE, RESPONSE, ANNOUNCE, FWD_REQ, FWD_BACK, FWD]
-)
+CODEC = wire.Codec(KIND_DHT, [PING, FIND, STORE, RESPONSE, ANNOUNCE, FWD_REQ, FWD_BACK, FWD])

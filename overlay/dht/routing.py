@@ -108,7 +108,9 @@ class RoutingTable:
 
     def failed(self, node_id: bytes) -> None:
         """A query to this contact timed out; after MAX_FAILURES, replace it from the cache."""
-        bucket = self.buckets[bucket_index(self.self_id, node_id)] if node_id != self.self_id else None
+        bucket = (
+            self.buckets[bucket_index(self.self_id, node_id)] if node_id != self.self_id else None
+        )
         if bucket is None:
             return
         for c in bucket.contacts:
@@ -128,19 +130,17 @@ class RoutingTable:
         self._size -= len(bucket.contacts) - len(kept)
         bucket.contacts = kept
 
-    def closest(self, target: bytes, count: int | None = None, *, live_only: bool = True) -> list[Contact]:
+    def closest(
+        self, target: bytes, count: int | None = None, *, live_only: bool = True
+    ) -> list[Contact]:
         count = self.k if count is None else count
-        pool: Iterable[Contact] = (
-            c for c in self if not live_only or c.failures < MAX_FAILURES
-        )
+        pool: Iterable[Contact] = (c for c in self if not live_only or c.failures < MAX_FAILURES)
         return sorted(pool, key=lambda c: distance(c.node_id, target))[:count]
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
         """Non-empty buckets nobody touched within `interval`: due for a refresh lookup."""
         return [
-            i
-            for i, b in enumerate(self.buckets)
-            if b.contacts and now - b.last_touched >= interval
+            i for i, b in enumerate(self.buckets) if b.contacts and now - b.last_touched >= interval
         ]
 
     def touch(self, target: bytes, now: float) -> None:

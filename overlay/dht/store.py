@@ -19,7 +19,7 @@ MAX_RECORDS_PER_SOURCE = 64
 
 
 class StoreRejected(RecordError):
-    """A valid-looking record we will not keep (stale, quota); the reason goes back to the sender."""
+    """A valid record we will not keep (stale, over quota); the reason goes back to the sender."""
 
 
 @dataclass

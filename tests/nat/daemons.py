@@ -45,10 +45,22 @@ def start_daemon(host: Host, root: Path, *args: str) -> Daemon:
     state = root / host.name
     state.mkdir(parents=True, exist_ok=True)
     log = open(state / "daemon.log", "w")  # noqa: SIM115 - lives as long as the daemon
-    argv = [sys.executable, "-m", "cli.main", "--state-dir", str(state), "daemon",
-            "--listen", f"0.0.0.0:{DAEMON_PORT}", "--log-level", "info", *args]
-    proc = host.popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                      cwd=Path(__file__).resolve().parents[2])
+    argv = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "--state-dir",
+        str(state),
+        "daemon",
+        "--listen",
+        f"0.0.0.0:{DAEMON_PORT}",
+        "--log-level",
+        "info",
+        *args,
+    ]
+    proc = host.popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2]
+    )
     return Daemon(host, state, proc)
 
 

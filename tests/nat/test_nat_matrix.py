@@ -31,10 +31,14 @@ def matrix(netbed, tmp_path):
     for kind in KINDS:
         for i in range(2):
             name = f"{kind[:4]}{i}"
-            host = (netbed.add_public_host(name) if kind == "public"
-                    else netbed.add_nat_host(name, nat=kind))
+            host = (
+                netbed.add_public_host(name)
+                if kind == "public"
+                else netbed.add_nat_host(name, nat=kind)
+            )
             daemons.setdefault(kind, []).append(
-                start_daemon(host, tmp_path, "--bootstrap", relay.address))
+                start_daemon(host, tmp_path, "--bootstrap", relay.address)
+            )
     for group in daemons.values():
         for d in group:
             wait_ready(d, peers=1)
@@ -55,7 +59,7 @@ def settle(caller: Daemon, callee: Daemon, want: str) -> dict:
 
 
 def test_nat_matrix(matrix):
-    relay, daemons = matrix
+    _relay, daemons = matrix
     failures = []
     report = []
     for a, b in itertools.combinations_with_replacement(KINDS, 2):
@@ -63,8 +67,10 @@ def test_nat_matrix(matrix):
         callee = daemons[b][1]
         want = expected_path(a, b)
         result = settle(caller, callee, want)
-        report.append(f"{a:>15} -> {b:<15} {result.get('path')!s:>8} "
-                      f"rtt={result.get('rtt_ms')} setup={result.get('setup_ms')}")
+        report.append(
+            f"{a:>15} -> {b:<15} {result.get('path')!s:>8} "
+            f"rtt={result.get('rtt_ms')} setup={result.get('setup_ms')}"
+        )
         if result.get("path") != want or result.get("rtt_ms") is None:
             failures.append(f"{a} -> {b}: wanted {want}, got {result}")
     print("\n".join(report))
@@ -74,7 +80,7 @@ def test_nat_matrix(matrix):
 def test_relayed_session_moves_to_direct_when_punching_succeeds(matrix):
     """full cone <-> symmetric: the relay path comes first, the ICE pair later, without a new
     handshake (the session's index stays the same)."""
-    relay, daemons = matrix
+    _relay, daemons = matrix
     caller, callee = daemons["symmetric"][0], daemons["full_cone"][1]
     first = caller.call("session.ping", public_key=callee.public_key, count=1, interval=0)
     result = settle(caller, callee, "direct")
