@@ -23,6 +23,8 @@ from overlay.control import socket_path
 REFRESH_S = 1.0
 # After Ctrl-C (hangup), wait this long for the daemon's "ended" event before giving up.
 HANGUP_WAIT_S = 5.0
+# The end-of-call report (a matplotlib PNG) takes a second or two to draw; wait at most this long.
+REPORT_WAIT_S = 15.0
 # Source specs passed through as they are; anything else is a file path made absolute here,
 # because the daemon's working directory is not ours.
 _LITERAL_SOURCES = ("testpattern", "tone", "none")
@@ -112,7 +114,8 @@ def _stats_line(info: dict[str, Any]) -> str:
     return (
         f"{info['state']:<10} {info['duration_s']:>6.0f} s  {s.get('path', info['path'])}  "
         f"rtt {s.get('rtt_ms', 0):.0f} ms  loss {100 * s.get('loss', 0):.1f} %  "
-        f"sent {s.get('bitrate_sent', 0) / 1000:.0f} kb/s  recv {s.get('bitrate_recv', 0) / 1000:.0f}"
+        f"sent {s.get('bitrate_sent', 0) / 1000:.0f} kb/s  "
+        f"recv {s.get('bitrate_recv', 0) / 1000:.0f}"
         f" kb/s  {s.get('fps', 0):.0f} fps  {s.get('recv_size', '-')}  frozen "
         f"{s.get('frozen', 0):.1f} s  nack-rec {c.get('nack_recovered', 0)}  "
         f"plc {c.get('plc_concealed', 0)}" + (f"  latency {lat:.0f} ms" if lat is not None else "")
@@ -264,15 +267,17 @@ def register(group: click.Group) -> None:
                 for event in events.poll(0.2):
                     if event.get("call_id") == cid and event.get("type") == "call.ended":
                         ended = True
-        finally:
-            events.close()
         if live:
             click.echo("\r\033[K", nl=False)
-        # The report is written just after the end; give it a moment before the final read.
+        # The report is drawn just after the end: wait (bounded) for its event.
+        if record and ended:
+            deadline = time.monotonic() + REPORT_WAIT_S
+            while time.monotonic() < deadline and not any(
+                e.get("type") == "call.report" for e in log
+            ):
+                log.extend(e for e in events.poll(0.2) if e.get("call_id") == cid)
+        events.close()
         final = m.rpc(ctx, "call.stats", call_id=cid)
-        if record and not final.get("report_file"):
-            time.sleep(REFRESH_S)
-            final = m.rpc(ctx, "call.stats", call_id=cid)
         if as_json:
             m.emit_json({"call": final, "events": log})
         else:
@@ -471,7 +476,8 @@ def _stats_table(info: dict[str, Any]) -> Any:
         (
             "recovery",
             f"NACK recovered {c.get('nack_recovered', 0)}  PLC concealed "
-            f"{c.get('plc_concealed', 0)}  FEC {c.get('fec_recovered', 0)}  PLI {c.get('plis_sent', 0)}",
+            f"{c.get('plc_concealed', 0)}  FEC {c.get('fec_recovered', 0)}  "
+            f"PLI {c.get('plis_sent', 0)}",
         ),
         (
             "latency",

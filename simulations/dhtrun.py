@@ -194,9 +194,13 @@ def core_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+# Taken when the scenario starts: the core files may change on disk while a long run goes on.
+_FINGERPRINT_AT_START = core_fingerprint()
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
-    payload = {"overlay_dht_sha256_16": core_fingerprint(), **payload}
+    payload = {"overlay_dht_sha256_16": _FINGERPRINT_AT_START, **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path

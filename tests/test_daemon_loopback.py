@@ -99,3 +99,30 @@ async def test_routing_table_is_saved_and_reused(tmp_path):
         done = await again.lookup(nodes[0].identity.public_key, timeout=5)
         assert done.record is not None
         nursery.cancel_scope.cancel()
+
+
+async def test_ipv6_daemons_find_each_other(tmp_path):
+    async with trio.open_nursery() as nursery:
+        nodes = []
+        for i in range(3):
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.bind(("::1", 0))
+                port = s.getsockname()[1]
+            (tmp_path / f"v{i}").mkdir()
+            node = Node(
+                Identity.generate(),
+                NodeOptions(
+                    state_dir=tmp_path / f"v{i}",
+                    listen=[("::1", port)],
+                    bootstrap=[nodes[0].endpoints[0].local] if nodes else [],
+                    handle_signals=False,
+                ),
+            )
+            await nursery.start(node.run)
+            nodes.append(node)
+        await trio.sleep(1.5)
+        done = await nodes[2].lookup(nodes[1].identity.public_key, timeout=5)
+        assert done.record is not None
+        assert done.record.addresses == (("::1", nodes[1].endpoints[0].local[1]),)
+        assert {c.address[0] for c in nodes[2].dht.table} == {"::1"}
+        nursery.cancel_scope.cancel()

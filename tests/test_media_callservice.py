@@ -275,7 +275,8 @@ async def test_recorded_call_notifies_far_end_and_writes_recording_and_report(
         assert notice == {**notice, "recording": True, "by": "remote", "call_id": cid}
         assert w.bob.service.calls()[-1]["remote_recording"] is True
         assert w.alice.service.calls()[-1]["recording"] is True
-        await until(lambda: (w.alice.service.stats()["stats"] or {}).get("frames_rendered", 0) > 20, 30)
+        rendered = lambda: (w.alice.service.stats()["stats"] or {}).get("frames_rendered", 0)  # noqa: E731
+        await until(lambda: rendered() > 20, 30)
         w.alice.service.hangup()
         await until(lambda: "call.report" in w.alice.types(), 30)
         nursery.cancel_scope.cancel()
