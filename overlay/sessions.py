@@ -71,6 +71,9 @@ RELAYS_PER_SESSION = 2
 IDLE_TIMEOUT = 120.0
 # A session whose every path has been silent this long is declared down.
 STRANDED_AFTER = 20.0
+# A relay path silent this long is re-joined (once per interval): cheap, and it is how a session
+# survives its own NAT rebinding while relayed.
+REJOIN_INTERVAL = 1.0
 APP_QUEUE = 1024
 TICK = 0.1
 MAX_SESSIONS = 256
@@ -113,6 +116,7 @@ class RelayPath:
     endpoint: Endpoint
     client: relay_mod.RelayClient
     kind: str = "relayed"
+    rejoined: float = 0.0
 
     @property
     def path_id(self) -> str:
@@ -344,6 +348,18 @@ class PeerSession:
             self._probe(path_id, now)
         for path in list(self.paths.values()):
             if isinstance(path, RelayPath):
+                state = self.selector.paths.get(path.path_id)
+                if (
+                    state is not None
+                    and path.client.joined
+                    and state.last_rx is not None
+                    and not state.alive(now)
+                    and now - path.rejoined >= REJOIN_INTERVAL
+                ):
+                    # Silent relay path: our NAT may have rebound (new source port), and the
+                    # relay only forwards for the address we joined from. Join again.
+                    path.rejoined = now
+                    path.endpoint.send(path.client.relay_addr, path.client.rejoin(now))
                 out, events = path.client.handle_timeout(now)
                 for data in out:
                     path.endpoint.send(path.client.relay_addr, data)

@@ -107,13 +107,33 @@ def test_symmetric_pair_uses_a_configured_turn_server(netbed, tmp_path):
     boot = start_daemon(netbed.add_public_host("boot"), tmp_path)
     wait_ready(boot, peers=0)
     turn = ["--turn", f"{turn_ip}:{turn_port}", "--turn-user", "alice", "--turn-password", "secret"]
-    a = start_daemon(netbed.add_nat_host("a", nat="symmetric"), tmp_path,
-                     "--bootstrap", boot.address, *turn)
-    b = start_daemon(netbed.add_nat_host("b", nat="symmetric"), tmp_path,
-                     "--bootstrap", boot.address, *turn)
+    a = start_daemon(
+        netbed.add_nat_host("a", nat="symmetric"), tmp_path, "--bootstrap", boot.address, *turn
+    )
+    b = start_daemon(
+        netbed.add_nat_host("b", nat="symmetric"), tmp_path, "--bootstrap", boot.address, *turn
+    )
     wait_ready(a)
     wait_ready(b)
     time.sleep(1.5)
     result = settle(a, b, "turn")
     assert result.get("path") == "turn", f"{result}\n{a.log()}"
     assert result["rtt_ms"] is not None
+
+
+def test_session_survives_nat_rebinding_within_3_seconds(matrix, netbed):
+    """The symmetric NAT forgets every mapping (conntrack flushed): the next packets leave from
+    new ports. The session must carry traffic again within 3 s, on whatever path still works."""
+    relay, daemons = matrix
+    caller, callee = daemons["symmetric"][1], daemons["full_cone"][0]
+    assert settle(caller, callee, "direct").get("path") == "direct"
+    netbed.flush_conntrack(caller.host)
+    flushed = time.monotonic()
+    recovered = None
+    while time.monotonic() - flushed < 10:
+        result = caller.call("session.ping", public_key=callee.public_key, count=1, interval=0)
+        if result["lost"] == 0:
+            recovered = time.monotonic() - flushed
+            break
+    print(f"recovered after {recovered} s on {result.get('path')}")
+    assert recovered is not None and recovered <= 3.0, (recovered, result)
