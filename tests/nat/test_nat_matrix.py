@@ -124,7 +124,7 @@ def test_symmetric_pair_uses_a_configured_turn_server(netbed, tmp_path):
 def test_session_survives_nat_rebinding_within_3_seconds(matrix, netbed):
     """The symmetric NAT forgets every mapping (conntrack flushed): the next packets leave from
     new ports. The session must carry traffic again within 3 s, on whatever path still works."""
-    relay, daemons = matrix
+    _relay, daemons = matrix
     caller, callee = daemons["symmetric"][1], daemons["full_cone"][0]
     assert settle(caller, callee, "direct").get("path") == "direct"
     netbed.flush_conntrack(caller.host)
