@@ -168,6 +168,14 @@ def id_command(ctx: click.Context, import_words: bool, show_words: bool, as_json
     help="TURN password (env THREEBC_TURN_PASSWORD).",
 )
 @click.option(
+    "--auto-answer",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "contacts", "all"]),
+    help="none: contacts ring and you answer; contacts: answer contacts; all: answer anyone. "
+    "Calls from unknown keys are refused unless `all`.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -185,6 +193,7 @@ def daemon(
     turn: str | None,
     turn_user: str | None,
     turn_password: str | None,
+    auto_answer: str,
     log_level: str,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
@@ -224,6 +233,7 @@ def daemon(
             turn=turn_addr,
             turn_username=turn_user,
             turn_password=turn_password,
+            auto_answer=auto_answer,
         ),
     )
     try:
@@ -346,6 +356,9 @@ def ping(ctx: click.Context, key: str, count: int, interval: float, as_json: boo
 
 
 def main() -> None:
+    from cli.calls import register
+
+    register(cli)
     cli(prog_name="3bc")
 
 

@@ -62,7 +62,7 @@ from media.pipeline import (
 from media.recorder import RecorderError
 from media.report import ReportError, write_report
 from media.session_api import PUBLIC_KEY_SIZE, PeerSession, SessionClosed
-from media.wiremedia import ControlPacket, MediaRemoteError, parse_packet
+from media.wiremedia import ControlPacket, MediaError, MediaRemoteError, parse_packet
 
 log = logging.getLogger("3bc.calls")
 
@@ -130,8 +130,10 @@ class CallOptions:
         except PipelineError as exc:
             raise CallServiceError(str(exc)) from None
         record = params.get("record")
-        if record is not None:
-            record = os.path.abspath(record) if isinstance(record, str) else record
+        if isinstance(record, str) and record:
+            record = os.path.abspath(record)
+            if not os.path.isdir(os.path.dirname(record)):
+                raise CallServiceError(f"cannot record to {record}: no such directory")
         return cls(media, record, params.get("duration"))
 
 
@@ -262,9 +264,7 @@ class CallService:
         try:
             try:
                 session = await self._connect(public_key)
-            except SessionClosed as exc:
-                raise PeerUnreachable(f"cannot reach {public_key.hex()}: {exc}") from None
-            except (OSError, trio.TooSlowError) as exc:
+            except Exception as exc:  # connect is the daemon's: any failure means unreachable
                 raise PeerUnreachable(f"cannot reach {public_key.hex()}: {exc}") from None
             self._ensure_idle()  # an incoming call may have arrived meanwhile
         except BaseException:
@@ -396,7 +396,11 @@ class CallService:
             while True:
                 data = await session.receive()
                 self._on_datagram(session, data, trio.current_time())
-        except SessionClosed:
+        except Exception as exc:
+            # SessionClosed is the normal end; anything else is the session's bug, and must end
+            # its calls, not the service.
+            if not isinstance(exc, SessionClosed):
+                log.exception("session to %s failed", bytes(session.peer_public_key).hex())
             now = trio.current_time()
             for h in list(self._calls.values()):
                 if h.session is session and h.live:
@@ -437,7 +441,10 @@ class CallService:
             if h.session is session and h.live:
                 h.machine.on_peer_activity(now)
                 if h.pipeline is not None:
-                    h.pipeline.handle_packet(pkt, len(data), now)
+                    try:
+                        h.pipeline.handle_packet(pkt, len(data), now)
+                    except MediaError:
+                        self.dropped_datagrams += 1  # the peer's garbage; keep serving
                 return
         self.dropped_datagrams += 1
 
@@ -445,32 +452,41 @@ class CallService:
 
     async def _drive(self, h: _CallHandle) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._control_timer, h)
-                if h.auto_answer:
-                    nursery.start_soon(self._auto_answer, h)
-                await h.settled.wait()
-                media_done = trio.Event()
-                media_scope = trio.CancelScope()
-                if h.live:
-                    nursery.start_soon(self._run_media, h, media_scope, media_done)
-                    if h.options is not None and h.options.duration is not None:
-                        nursery.start_soon(self._duration_limit, h, h.options.duration)
-                else:
-                    media_done.set()
-                await h.ended.wait()
-                media_scope.cancel()
-                await media_done.wait()
-                await self._finish(h)
-                with trio.move_on_after(HANGUP_LINGER):
-                    await h.finished.wait()
-                nursery.cancel_scope.cancel()
+            await self._drive_call(h)
+        except Exception:
+            # A bug in one call must not take the daemon's other work down with it.
+            log.exception("call %s failed", h.id)
+            h.end_reason, h.end_detail = h.end_reason or "failed", "internal error"
+            h.ended.set()
         finally:
             if h.sources is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_close_sources, h.sources)
                 h.sources = None
             self._forget_old()
+
+    async def _drive_call(self, h: _CallHandle) -> None:
+        """Ring → (answer → media) → end → linger for the final ack."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._control_timer, h)
+            if h.auto_answer:
+                nursery.start_soon(self._auto_answer, h)
+            await h.settled.wait()
+            media_done = trio.Event()
+            media_scope = trio.CancelScope()
+            if h.live:
+                nursery.start_soon(self._run_media, h, media_scope, media_done)
+                if h.options is not None and h.options.duration is not None:
+                    nursery.start_soon(self._duration_limit, h, h.options.duration)
+            else:
+                media_done.set()
+            await h.ended.wait()
+            media_scope.cancel()
+            await media_done.wait()
+            await self._finish(h)
+            with trio.move_on_after(HANGUP_LINGER):
+                await h.finished.wait()
+            nursery.cancel_scope.cancel()
 
     async def _control_timer(self, h: _CallHandle) -> None:
         while True:
@@ -513,6 +529,7 @@ class CallService:
                     except RecorderError as exc:
                         await trio.to_thread.run_sync(_close_sources, sources)
                         raise CallServiceError(f"cannot record: {exc}") from None
+                    _make_private(h.options.record)
                 h.pipeline = MediaPipeline(
                     h.session,
                     _local_params(params, h.options.media),
@@ -547,6 +564,7 @@ class CallService:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(write_report, p.stats.series(), path, title)
                 h.report_path = path
+                _make_private(path)
             except (ReportError, OSError) as exc:
                 log.warning("cannot write call report %s: %s", path, exc)
             self._emit("call.report", h, record_file=h.options.record, report_file=h.report_path)
@@ -626,6 +644,12 @@ class CallService:
         if not want:
             raise NoSuchCall("no ringing call" if ringing else "no call in progress")
         return want[-1]
+
+
+def _make_private(path: str) -> None:
+    """Recordings and reports of a private call are the owner's only (like the key file)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)
 
 
 def _send(session: PeerSession, data: bytes) -> None:

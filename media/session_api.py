@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+# The overlay's own exception, so that its sessions and in-memory fakes raise the same thing.
+from overlay.sessions import MAX_APP_DATAGRAM, SessionClosed
+
 # The session carries at most this much plaintext per datagram; media packets (wiremedia
 # MAX_PAYLOAD 1100 B + 20 B header) stay below it.
-MAX_SESSION_DATAGRAM = 1150
+MAX_SESSION_DATAGRAM = MAX_APP_DATAGRAM
 PUBLIC_KEY_SIZE = 32  # Ed25519
 PATH_KINDS = ("direct", "relayed", "turn")
 
 
-class SessionClosed(Exception):
-    """The peer session is gone (closed locally, by the peer, or timed out): no more datagrams."""
+__all__ = ["MAX_SESSION_DATAGRAM", "PATH_KINDS", "PUBLIC_KEY_SIZE", "PeerSession", "SessionClosed"]
 
 
 @runtime_checkable

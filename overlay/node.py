@@ -75,6 +75,9 @@ class NodeOptions:
     turn: Address | None = None
     turn_username: str | None = None
     turn_password: str | None = None
+    # Who may ring us: none (contacts ring, a person answers), contacts (auto-answer contacts),
+    # all (auto-answer everyone). Unknown keys are refused unless `all`.
+    auto_answer: str = "none"
     dht: DhtConfig = field(default_factory=DhtConfig)
     handle_signals: bool = True
 
@@ -95,6 +98,10 @@ class Node:
         self._observed: list[Address] = []
         self._cancel: trio.CancelScope | None = None
         self._hints: list[tuple[bytes, Address]] = []
+        self._nursery: trio.Nursery | None = None
+        self.calls: Any = None
+        self._calls_lock = trio.Lock()
+        self._call_methods: dict[str, Any] = {}
         self.options.dht.relay = options.relay
         self.sessions = SessionService(
             identity,
@@ -135,6 +142,8 @@ class Node:
             with trio.CancelScope() as scope:
                 self._cancel = scope
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self.sessions.incoming = self._on_incoming_session
                     for endpoint in self.endpoints:
                         nursery.start_soon(endpoint.serve)
                     nursery.start_soon(self._timers)
@@ -293,6 +302,35 @@ class Node:
         finally:
             self._lookup_waiters.pop(lookup_id, None)
 
+    # --- calls (media/ is loaded on first use: PyAV and numpy cost ~60 MB of RSS) --------------
+
+    async def ensure_calls(self) -> Any:
+        async with self._calls_lock:
+            if self.calls is None:
+                from media.callservice import CallService, register_control_methods
+                from media.contacts import Contacts
+
+                service = CallService(
+                    self.sessions.connect,
+                    contacts=Contacts(self.options.state_dir),
+                    auto_answer=self.options.auto_answer,
+                )
+                assert self._nursery is not None
+                await self._nursery.start(service.run)
+                collector = _MethodCollector(self.events)
+                register_control_methods(collector, service)
+                self._call_methods = collector.methods
+                self.calls = service
+        return self.calls
+
+    def _on_incoming_session(self, peer: Any) -> None:
+        async def hand_over() -> None:
+            service = await self.ensure_calls()
+            service.on_incoming_session(peer)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(hand_over)
+
     async def _lookup_record(self, public_key: bytes) -> PeerRecord | None:
         done = await self.lookup(public_key)
         return done.record
@@ -422,6 +460,14 @@ class Node:
                 "setup_ms": peer.setup_ms,
             }
 
+        for name in CALL_METHODS:
+
+            async def delegate(params: dict[str, Any], name: str = name) -> Any:
+                await self.ensure_calls()
+                return await self._call_methods[name](params)
+
+            method(name)(delegate)
+
         @method("daemon.shutdown")
         async def _shutdown(params: dict[str, Any]) -> Any:
             self.shutdown()
@@ -455,6 +501,36 @@ class Node:
         except (ValueError, KeyError, TypeError, IndexError, IdentityError) as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return []
+
+
+# Registered at start-up, served by media/callservice.py once it is loaded.
+CALL_METHODS = (
+    "call.place",
+    "call.answer",
+    "call.reject",
+    "call.hangup",
+    "call.list",
+    "call.stats",
+    "call.policy",
+    "contacts.add",
+    "contacts.list",
+    "contacts.remove",
+)
+
+
+class _MethodCollector:
+    """Stands in for the control server while media/ registers its methods."""
+
+    def __init__(self, events: EventBus) -> None:
+        self.methods: dict[str, Any] = {}
+        self.events = events
+
+    def method(self, name: str) -> Any:
+        def register(fn: Any) -> Any:
+            self.methods[name] = fn
+            return fn
+
+        return register
 
 
 def _interface_addresses(with_v6: bool) -> list[str]:

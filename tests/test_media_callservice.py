@@ -4,6 +4,7 @@ MockClock runs them instantly); one story runs real media, a recording and its r
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,8 @@ async def test_second_call_is_refused_while_busy_and_errors_are_typed(
             )
         with pytest.raises(CallServiceError, match="duration"):
             CallOptions(duration=-1)
+        with pytest.raises(CallServiceError, match="no such directory"):
+            CallOptions.from_params({"record": str(tmp_path / "missing" / "x.webm")})
         await w.alice.service.place_call(KEY_B, NO_MEDIA)
         with pytest.raises(Busy, match="hang up first"):
             await w.alice.service.place_call(KEY_B, NO_MEDIA)
@@ -283,6 +286,8 @@ async def test_recorded_call_notifies_far_end_and_writes_recording_and_report(
     info = w.alice.service.calls()[-1]
     assert info["report_file"] == str(record) + REPORT_SUFFIX
     assert Path(info["report_file"]).read_bytes().startswith(b"\x89PNG")
+    for private in (record, Path(info["report_file"])):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
     final = w.alice.service.stats(cid)["stats"]
     with av.open(str(record)) as container:
         assert len(container.streams.video) == 2 and len(container.streams.audio) == 2

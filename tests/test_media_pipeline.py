@@ -28,6 +28,7 @@ from media.pipeline import (
     open_sources,
 )
 from media.session_api import MAX_SESSION_DATAGRAM, PeerSession, SessionClosed
+from media.wiremedia import FeedbackPacket, Flags, MediaPacket, NackPacket, PliPacket, StreamId
 from overlay.identity import Identity
 
 # How long receivers keep running after senders stop, so frames in flight are played out.
@@ -222,3 +223,41 @@ def test_bad_source_specs_fail_clearly(tmp_path: Path) -> None:
         MediaOptions(codec="mpeg2")
     with pytest.raises(PipelineError, match="width"):
         MediaOptions(width=321)
+
+
+async def test_hostile_datagrams_are_dropped_never_raised() -> None:
+    """Random and structurally valid-but-absurd packets from the peer: no exception escapes."""
+    a, _ = session_pair()
+    p = MediaPipeline(a, PARAMS)
+    rng = random.Random(7)
+    kinds = [
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 1300))),
+        lambda: MediaPacket(
+            stream=rng.choice(list(StreamId)),
+            seq=rng.randrange(1 << 16),
+            timestamp=rng.randrange(1 << 32),
+            frame_id=rng.randrange(1 << 32),
+            frag_index=0,
+            frag_count=rng.randrange(1, 4),
+            payload=bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 50))),
+            flags=Flags(rng.randrange(8)),
+            transport_seq=rng.randrange(1 << 16),
+        ).encode(),
+        lambda: FeedbackPacket(
+            rng.randrange(256),
+            rng.randrange(1 << 16),
+            rng.randrange(1 << 32),
+            rng.randrange(1 << 16),
+            (*(rng.randrange(-0x8000, 0x8000) for _ in range(rng.randrange(0, 20))), 1),
+        ).encode(),
+        lambda: NackPacket(
+            rng.choice(list(StreamId)), tuple(rng.randrange(1 << 16) for _ in range(5))
+        ).encode(),
+        lambda: PliPacket().encode(),
+    ]
+    now = trio.current_time()
+    for _ in range(3000):
+        now += rng.random() * 0.01
+        p.handle_datagram(rng.choice(kinds)(), now)
+        p._service(now)
+    assert p.wire_errors > 0
