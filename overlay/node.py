@@ -33,7 +33,7 @@ from overlay.dht.record import PeerRecord, format_address
 from overlay.endpoint import Endpoint
 from overlay.events import EventBus
 from overlay.identity import Identity, IdentityError, parse_public_key, safety_words
-from overlay.sessions import ANNOUNCE_INTERVAL, HINTS, ConnectError, SessionService
+from overlay.sessions import ANNOUNCE_INTERVAL, HINTS, ConnectError, SessionService, guarded
 from overlay.wire import Address
 
 log = logging.getLogger("3bc.node")
@@ -329,7 +329,7 @@ class Node:
             service.on_incoming_session(peer)
 
         assert self._nursery is not None
-        self._nursery.start_soon(hand_over)
+        self._nursery.start_soon(guarded, hand_over)
 
     async def _lookup_record(self, public_key: bytes) -> PeerRecord | None:
         done = await self.lookup(public_key)

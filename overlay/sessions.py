@@ -255,6 +255,7 @@ class PeerSession:
             "peer": self.peer_public_key.hex(),
             "initiator": self.initiator,
             "path": self.path_kind,
+            "active": self.selector.active,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 2),
             "paths": [
                 {
@@ -556,7 +557,7 @@ class SessionService:
             self._send_route(route, result.message)
             return
         if self.nursery is not None:
-            self.nursery.start_soon(self._accept, result, route)
+            self.nursery.start_soon(guarded, self._accept, result, route)
 
     async def _accept(self, accepted: Accepted, route: _Route) -> None:
         try:
@@ -760,7 +761,7 @@ class _IceTask:
 
     async def gather(self, nursery: trio.Nursery | None) -> dict[str, Any] | None:
         assert nursery is not None
-        nursery.start_soon(self._run)
+        nursery.start_soon(guarded, self._run)
         with trio.move_on_after(5):
             await self._gathered.wait()
         return self.local
@@ -797,8 +798,9 @@ class _IceTask:
                     peer, remote = self._remote
                     path = await agent.connect(RemoteIceInfo.from_dict(remote), ICE_TIMEOUT)
                     await self._pump(peer, path)
-            except (PathError, OSError, ValueError) as exc:
-                log.info("ICE gave no path: %s", exc)
+            except* (PathError, OSError, ValueError) as group:
+                # trio-asyncio wraps errors raised inside its loop in exception groups.
+                log.info("ICE gave no path: %s", group.exceptions[0])
             finally:
                 self._gathered.set()
 
@@ -818,6 +820,14 @@ class _IceTask:
                     for packet in batch:
                         if packet and packet[0] == KIND_TRANSPORT:
                             self.service._on_transport(packet, path.path_id)
+
+
+async def guarded(fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run a per-session task so that its failure ends that task, never the daemon."""
+    try:
+        await fn(*args)
+    except* Exception as group:
+        log.warning("session task %s failed: %r", fn.__name__, group.exceptions)
 
 
 async def _turn_sender(sock: Any, receive: trio.MemoryReceiveChannel[bytes]) -> None:

@@ -168,12 +168,13 @@ async def run_ours(nodes: int, lookups: int, seed: int) -> dict[str, Any]:
         assert attacker.dht is not None and victim.dht is not None and victim.dht.own_record
         found = await attacker.lookup(victim.identity.public_key, LOOKUP_TIMEOUT)
         forged = _forged_copy(attacker.identity, victim.dht.own_record)
-        rejected_before = sum(d.dht.stats.dropped.get("record-rejected", 0) for d in honest)
+        rejected_before = _rejections(honest)
         now = attacker.clock.now() if attacker.clock else time.time()
         for pk, addr in found.contacts:
             attacker.dht._store_to(addr, _node_id(pk), forged, now)
         attacker._flush()
         await trio.sleep(1.0)
+        forged_rejected = _rejections(honest) - rejected_before
         # The old-sequence replay: the victim republishes, the attacker replays the old record.
         old = victim.dht.own_record
         victim.dht.publish(victim.clock.now() if victim.clock else time.time())
@@ -183,12 +184,14 @@ async def run_ours(nodes: int, lookups: int, seed: int) -> dict[str, Any]:
             attacker.dht._store_to(addr, _node_id(pk), old, now)
         attacker._flush()
         await trio.sleep(1.0)
-        rejected = sum(d.dht.stats.dropped.get("record-rejected", 0) for d in honest)
+        rejected = _rejections(honest)
         after = await reader.lookup(victim.identity.public_key, LOOKUP_TIMEOUT)
         genuine = after.record is not None and after.record.body == victim.dht.own_record.body
         row["forged_value"] = {
-            "stores_attempted": 2 * len(found.contacts),
-            "stores_rejected": rejected - rejected_before,
+            "forged_stores_sent": len(found.contacts),
+            "forged_stores_rejected": forged_rejected,
+            "replay_stores_sent": len(found.contacts),
+            "replay_stores_rejected": rejected - rejected_before - forged_rejected,
             "lookup_returns_genuine_newest": genuine,
             "verdict": "refused" if genuine else "ACCEPTED",
         }
@@ -211,6 +214,10 @@ async def run_ours(nodes: int, lookups: int, seed: int) -> dict[str, Any]:
             d.shutdown()
     tmp.cleanup()
     return row
+
+
+def _rejections(daemons: list[Node]) -> int:
+    return sum(d.dht.stats.dropped.get("record-rejected", 0) for d in daemons if d.dht)
 
 
 def _node_id(public_key: bytes) -> bytes:

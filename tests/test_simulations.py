@@ -102,7 +102,7 @@ def test_baseline_small_on_loopback() -> None:
     ours, theirs = payload["ours"], payload["kademlia"]
     assert ours["success"] == 1.0
     assert ours["forged_value"]["verdict"] == "refused"
-    assert ours["forged_value"]["stores_rejected"] > 0
+    assert ours["forged_value"]["forged_stores_rejected"] > 0
     assert ours["malformed"]["still_serving"]
     assert theirs["forged_value"]["verdict"] == "ACCEPTED"
     assert ours["bytes_per_lookup"] > 0
