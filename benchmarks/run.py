@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path("bench-out")
-SUITES = ["session", "setup_time", "dht", "media"]
+SUITES = ["session", "setup_time", "dht", "media", "nat_call"]
 
 
 def main(argv: list[str] | None = None) -> None:
