@@ -4,10 +4,14 @@ import json
 import os
 import socket
 import stat
+from pathlib import Path
 
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
-from overlay.control import MAX_LINE, socket_path
+from overlay.control import MAX_LINE, ControlServer, socket_path
+from overlay.events import EventBus
 from overlay.identity import Identity
 from overlay.node import Node, NodeOptions
 from tests.conftest import free_udp_port
@@ -125,3 +129,16 @@ async def test_second_daemon_on_same_state_dir_is_refused(tmp_path):
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(socket_path(tmp_path)))  # the first one still serves
         nursery.cancel_scope.cancel()
+
+
+@given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+async def test_any_line_gets_an_answer_or_nothing_never_an_exception(line):
+    server = ControlServer(Path("/nonexistent"), EventBus())
+
+    @server.method("echo")
+    async def _echo(params):
+        return params
+
+    reply, subscribe = await server._handle(line)
+    assert reply is None or reply.get("jsonrpc") == "2.0"
+    assert isinstance(subscribe, bool)
