@@ -20,6 +20,7 @@ class MemoryNet:
         self.seq = 0
         self.events: dict[Address, list[Event]] = {}
         self.sent_to: list[tuple[Address, Address, bytes]] = []  # (src, dst, data), all traffic
+        self.sent_at: list[float] = []  # when each of sent_to was sent
 
     def add(
         self, address: Address, config: DhtConfig | None = None, identity: Identity | None = None
@@ -42,6 +43,7 @@ class MemoryNet:
         core = self.nodes[address]
         for dst, data in core.datagrams_to_send():
             self.sent_to.append((address, dst, data))
+            self.sent_at.append(self.now)
             self.inject(address, dst, data)
         self.events[address].extend(core.events())
 

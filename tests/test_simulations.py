@@ -76,8 +76,9 @@ def test_attack_scenario_small() -> None:
         poison = rows[(adversary.POISON, paths)]
         assert poison["forged_accepted"] == 0  # signatures hold whatever the paths
         assert poison["forged_served"] > 0  # ...and forgeries really were offered
-    # A quarter of the nodes eclipsing does hurt a single-path lookup.
-    assert rows[(adversary.ECLIPSE, 1)]["success"] < 1.0
+    # With a quarter of the nodes hostile, disjoint-path lookups still find the record.
+    for mode in (adversary.ECLIPSE, adversary.DROP, adversary.POISON):
+        assert rows[(mode, max(dht_attack.PATHS))]["success"] >= 0.9, mode
 
 
 def test_connectivity_pairs() -> None:

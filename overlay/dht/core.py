@@ -105,7 +105,6 @@ class _Pending:
     deadline: float
     purpose: str  # "ping", "find", "store"
     lookup_id: int | None = None
-    attempt: int = 0
 
 
 @dataclass
@@ -444,6 +443,8 @@ class DhtCore:
             if known.address == source:
                 known.last_seen = now
             return
+        if not self.table.has_room(node_id):
+            return  # a full bucket of live contacts: no need to challenge a newcomer
         if any(p.node_id == node_id for p in self._pending.values()):
             return
         # Our ping is small but must not exceed what the source sent us unless it is verified.
@@ -476,7 +477,9 @@ class DhtCore:
             self._with_token(schema, waiting, source, now)
         self._observe(inner["obs"])
         is_new = self.table.get(node_id) is None
-        self.table.verified(public_key, source, now, now - pending.sent)
+        self.table.verified(
+            public_key, source, now, now - pending.sent, lookup=pending.purpose == "find"
+        )
         contact = self.table.get(node_id)
         if contact is not None:
             contact.relay = bool(inner.get("rl", False))
@@ -503,7 +506,7 @@ class DhtCore:
     def _on_timeout(self, pending: _Pending, now: float) -> None:
         self._waiting_token.pop(pending.address, None)
         if pending.node_id is not None:
-            self.table.failed(pending.node_id)
+            self.table.failed(pending.node_id, lookup=pending.purpose == "find")
         if pending.lookup_id is not None:
             lk = self._lookups.get(pending.lookup_id)
             if lk is not None and pending.node_id is not None:
@@ -537,6 +540,10 @@ class DhtCore:
             self._publish_lookup = None
             for cand in closest:
                 self._store_to(cand.address, cand.node_id, self.own_record, now)
+            if not closest:
+                # Nobody reached (a lost query right after joining): try again soon instead of
+                # staying unfindable until the next republish.
+                self._republish_at = now + self.config.bootstrap_retry
         self._events.append(
             LookupDone(
                 lk.id,

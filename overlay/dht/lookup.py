@@ -15,6 +15,9 @@ from overlay.identity import node_id_for
 from overlay.wire import Address
 
 
+RECORDS_PER_PATH = 2
+
+
 @dataclass
 class Candidate:
     public_key: bytes
@@ -31,9 +34,11 @@ class Candidate:
 class _Path:
     candidates: list[Candidate] = field(default_factory=list)
     in_flight: int = 0
-    # A record lookup's path ends at its first valid record: Kademlia stops at the first value;
-    # we let every disjoint path bring one and keep the newest, so one liar cannot hide it.
+    # A record lookup's path ends once RECORDS_PER_PATH holders answered with a valid record
+    # (Kademlia stops at the first value): every disjoint path brings its own and the newest
+    # wins, so neither one liar nor one stale holder decides the answer.
     satisfied: bool = False
+    records: int = 0
 
 
 class Lookup:
@@ -123,7 +128,8 @@ class Lookup:
         for pk, addr in contacts:
             self._add(path, pk, addr, cand.depth + 1)
         if record is not None and record.node_id == self.target:
-            p.satisfied = True
+            p.records += 1
+            p.satisfied = p.records >= RECORDS_PER_PATH
             self._holders[node_id] = record.seq
             if self.record is None or record.seq > self.record.seq:
                 self.record = record

@@ -17,6 +17,9 @@ K = 20  # bucket size and replication factor (Kademlia paper; BitTorrent's 8 is 
 ID_BITS = NODE_ID_SIZE * 8
 # A contact that missed this many queries in a row is taken as gone.
 MAX_FAILURES = 2
+# A contact that answers pings but keeps ignoring lookups is useless (or hostile: the "drop"
+# Sybil of simulations/dht_attack.py); after this many unanswered FINDs it leaves lookups.
+MAX_LOOKUP_FAILURES = 3
 
 
 def distance(a: bytes, b: bytes) -> int:
@@ -34,6 +37,7 @@ class Contact:
     address: Address
     last_seen: float
     failures: int = 0
+    lookup_failures: int = 0
     rtt: float | None = None
     relay: bool = False  # it serves as a blind relay (said in its signed replies)
     node_id: bytes = field(init=False)
@@ -74,16 +78,25 @@ class RoutingTable:
                 return c
         return None
 
-    def verified(self, public_key: bytes, address: Address, now: float, rtt: float | None) -> None:
-        """A key proved itself at `address`: insert or refresh it."""
+    def verified(
+        self,
+        public_key: bytes,
+        address: Address,
+        now: float,
+        rtt: float | None,
+        lookup: bool = False,
+    ) -> None:
+        """A key proved itself at `address`: insert or refresh it. (A bucket counts as refreshed
+        only when a lookup went through it — `touch` — so new contacts do not stop refreshes.)"""
         node_id = node_id_for(public_key)
         if node_id == self.self_id:
             return
         bucket = self.buckets[bucket_index(self.self_id, node_id)]
-        bucket.last_touched = now
         for c in bucket.contacts:
             if c.node_id == node_id:
                 c.address, c.last_seen, c.failures = address, now, 0
+                if lookup:
+                    c.lookup_failures = 0
                 if rtt is not None:
                     c.observe_rtt(rtt)
                 bucket.contacts.remove(c)
@@ -106,7 +119,7 @@ class RoutingTable:
         bucket.replacements.append(contact)
         del bucket.replacements[: -self.k]
 
-    def failed(self, node_id: bytes) -> None:
+    def failed(self, node_id: bytes, lookup: bool = False) -> None:
         """A query to this contact timed out; after MAX_FAILURES, replace it from the cache."""
         bucket = (
             self.buckets[bucket_index(self.self_id, node_id)] if node_id != self.self_id else None
@@ -116,11 +129,22 @@ class RoutingTable:
         for c in bucket.contacts:
             if c.node_id == node_id:
                 c.failures += 1
+                if lookup:
+                    c.lookup_failures += 1
                 if c.failures >= MAX_FAILURES and bucket.replacements:
                     bucket.contacts.remove(c)
                     bucket.contacts.append(bucket.replacements.pop())
                 return
         bucket.replacements = [r for r in bucket.replacements if r.node_id != node_id]
+
+    def has_room(self, node_id: bytes) -> bool:
+        """Whether a newcomer with this id could enter (free slot or a failing contact)."""
+        if node_id == self.self_id:
+            return False
+        bucket = self.buckets[bucket_index(self.self_id, node_id)]
+        return len(bucket.contacts) < self.k or any(
+            c.failures >= MAX_FAILURES for c in bucket.contacts
+        )
 
     def remove(self, node_id: bytes) -> None:
         if node_id == self.self_id:
@@ -134,7 +158,12 @@ class RoutingTable:
         self, target: bytes, count: int | None = None, *, live_only: bool = True
     ) -> list[Contact]:
         count = self.k if count is None else count
-        pool: Iterable[Contact] = (c for c in self if not live_only or c.failures < MAX_FAILURES)
+        pool: Iterable[Contact] = (
+            c
+            for c in self
+            if not live_only
+            or (c.failures < MAX_FAILURES and c.lookup_failures < MAX_LOOKUP_FAILURES)
+        )
         return sorted(pool, key=lambda c: distance(c.node_id, target))[:count]
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
