@@ -270,6 +270,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"reachable at  {', '.join(info['addresses']) or '(unknown yet)'}")
     click.echo(f"peers         {info['peers']}    records held {info['records_stored']}")
     click.echo(f"relay         {'yes' if info['relay'] else 'no'}    uptime {info['uptime_s']} s")
+    if info["relay"]:
+        click.echo(f"relaying      {info['relay_pairs']} pairs")
+    sessions = info.get("sessions", [])
+    click.echo(f"sessions      {len(sessions)}")
+    for s in sessions:
+        rtt = "-" if s["rtt_ms"] is None else f"{s['rtt_ms']} ms"
+        click.echo(f"  {s['peer'][:16]}…  {s['path']:<8} rtt {rtt}  {s['age_s']} s old")
 
 
 @cli.command()

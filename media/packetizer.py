@@ -169,15 +169,22 @@ class FrameAssembler:
         return [frame]
 
     def expire(self, now: float) -> None:
-        """Drop incomplete frames older than ASSEMBLY_HORIZON and forget old completions."""
-        for fid in [
-            f for f, p in self._partials.items() if now - p.first_arrival > ASSEMBLY_HORIZON
-        ]:
+        """Drop incomplete frames older than ASSEMBLY_HORIZON and forget old completions.
+
+        Runs for every packet, so it looks only at the oldest entries: both dicts are in
+        insertion order, which is time order as the receiver's clock only moves forward.
+        """
+        partials, done = self._partials, self._done
+        while partials:
+            fid = next(iter(partials))
+            if now - partials[fid].first_arrival <= ASSEMBLY_HORIZON:
+                break
             self._drop(fid)
-        for fid in [f for f, t in self._done.items() if now - t > ASSEMBLY_HORIZON]:
-            del self._done[fid]
-        while len(self._done) > 4 * MAX_PENDING_FRAMES:
-            del self._done[next(iter(self._done))]
+        while done:
+            fid = next(iter(done))
+            if now - done[fid] <= ASSEMBLY_HORIZON and len(done) <= 4 * MAX_PENDING_FRAMES:
+                break
+            del done[fid]
 
     @property
     def pending_frames(self) -> int:

@@ -116,12 +116,31 @@ MAX_BITS_PER_PIXEL = 0.1
 # (so the loop is blocked < 0.3 ms per 20 ms). With threads, audio alone cost 13 CPU-s per
 # call-minute. Encoding stays in a worker when the source itself may block (device, file).
 INLINE_AUDIO_SOURCES = ("tone",)
+# Video codecs run on the trio thread too when they cannot block and are fast at the call size:
+# measured at 640x480 (VP8, cpu-used 16) encoding takes ~2 ms, decoding ~0.7 ms and drawing the
+# test pattern ~0.1 ms, against ~310 µs of CPU per worker hand-off (two hand-offs per frame per
+# direction); the loop stalls at most one encode, far below a frame interval. Capture devices
+# and files can block, and bigger calls take longer per frame: those keep their worker threads.
+INLINE_VIDEO_SOURCES = ("testpattern",)
+INLINE_VIDEO_MAX_PIXELS = 640 * 480
 # The quality ladder (smaller pictures, fewer frames) is followed only once the path loses at
 # least this fraction of packets (rate.LOSS_LOW: where the loss controller stops growing), and
 # until the ladder climbs back to its top. Without loss, a low target is usually the encoder
 # undershooting (GCC caps the target at 1.5 × what arrives), not a congested path: stepping down
 # then would shrink an idle call's picture for nothing.
 QUALITY_LOSS_TRIGGER = 0.02
+
+# Where the pipeline's CPU goes, by stage (seconds of thread CPU time, summed): lets the
+# benchmark and the call report say how much is codecs and how much is everything else.
+CPU_STAGES = (
+    "video_capture",
+    "video_encode",
+    "video_decode",
+    "stamp_read",
+    "audio_capture",
+    "audio_encode",
+    "audio_decode",
+)
 
 VIDEO_SOURCES_HELP = "testpattern | FILE | /dev/videoN | none"
 AUDIO_SOURCES_HELP = "tone | FILE | alsa:DEV | pulse:DEV | none"
@@ -387,6 +406,16 @@ class MediaPipeline:
         self._video_dec = VideoDecoder(params.codec)
         self._audio_dec = AudioDecoder()
         self._dec_video_worker = CodecWorker(limiter)
+        inline_size = params.width * params.height <= INLINE_VIDEO_MAX_PIXELS
+        self._inline_video_encode = inline_size and (
+            self.video_in is not None and self.video_in.spec in INLINE_VIDEO_SOURCES
+        )
+        self._inline_video_decode = inline_size
+        # Thread CPU seconds per stage (CPU_STAGES); `inline_max` is the longest codec call made
+        # on the trio thread (how long it stalled the loop).
+        self.cpu = dict.fromkeys(CPU_STAGES, 0.0)
+        self.inline_max = 0.0
+        self._timer_deadline = -math.inf
         self.video_sink = VideoSink()
         self.audio_sink = AudioSink()
         self.wire_errors = 0
@@ -495,9 +524,12 @@ class MediaPipeline:
             pts = now - self._t0
 
             try:
-                frames = await self._enc_video_worker.run(
-                    self._capture_encode_video, pts, force, size, fps, bitrate
-                )
+                if self._inline_video_encode:
+                    frames = self._capture_encode_video(pts, force, size, fps, bitrate)
+                else:
+                    frames = await self._enc_video_worker.run(
+                        self._capture_encode_video, pts, force, size, fps, bitrate
+                    )
             except (CodecError, SourceError) as exc:
                 raise PipelineError(f"video sender stopped: {exc}") from exc
             self.video_frames_sent += len(frames)
@@ -519,15 +551,24 @@ class MediaPipeline:
     def _capture_encode_video(
         self, pts: float, force: bool, size: tuple[int, int], fps: int, bitrate: int
     ) -> list[EncodedFrame]:
-        """Worker thread: apply the rate controller's choices, grab and encode one frame."""
+        """Apply the rate controller's choices, grab and encode one frame (worker or inline)."""
         assert self._video_enc is not None and self.video_in is not None
         enc = self._video_enc
+        t0 = time.thread_time()
         enc.set_resolution(*size)
         enc.set_fps(fps)
         enc.set_bitrate(bitrate)
         frame = self.video_in.grab(self._stamp_clock())
         frame.pts = round(pts * VIDEO_CLOCK_RATE)
-        return enc.encode(frame, force)
+        t1 = time.thread_time()
+        out = enc.encode(frame, force)
+        t2 = time.thread_time()
+        cpu = self.cpu
+        cpu["video_capture"] += t1 - t0
+        cpu["video_encode"] += t2 - t1
+        if self._inline_video_encode:
+            self.inline_max = max(self.inline_max, t2 - t0)
+        return out
 
     async def _send_audio(self) -> None:
         assert self._audio_enc is not None and self.audio_in is not None
@@ -546,9 +587,15 @@ class MediaPipeline:
             samples = round(pts * AUDIO_RATE)
 
             def capture_encode(samples: int = samples) -> list[EncodedFrame]:
+                t0 = time.thread_time()
                 frame = src.grab(self._stamp_clock())
                 frame.pts = samples
-                return enc.encode(frame)
+                t1 = time.thread_time()
+                out = enc.encode(frame)
+                cpu = self.cpu
+                cpu["audio_capture"] += t1 - t0
+                cpu["audio_encode"] += time.thread_time() - t1
+                return out
 
             try:
                 if self.audio_in.spec in INLINE_AUDIO_SOURCES:
@@ -578,8 +625,13 @@ class MediaPipeline:
     def handle_packet(self, pkt: Packet, nbytes: int, now: float) -> None:
         """Feed one parsed non-control packet of this call."""
         self.stats.on_received(nbytes, now)
+        # The receive timer is woken only when this packet may have moved its deadline earlier
+        # (a frame completed, a gap to NACK, a PLI wanted, a feedback report started): waking
+        # it for every packet cost more than all the cores together. Feedback, NACK and PLI
+        # only move the sender's state, whose one deadline (feedback timeout) moves later.
         if isinstance(pkt, MediaPacket):
-            self._on_media(pkt, now)
+            if self._on_media(pkt, now):
+                self._wake.set()
         elif isinstance(pkt, FeedbackPacket):
             self.rc.on_feedback(pkt, now)
         elif isinstance(pkt, NackPacket):
@@ -587,27 +639,34 @@ class MediaPipeline:
                 self._send(self.rc.prepare(r, now), now)
         elif isinstance(pkt, PliPacket) and self.gate.on_pli(now):
             self._force_key = True
-        self._wake.set()
 
-    def _on_media(self, pkt: MediaPacket, now: float) -> None:
-        self.twcc_gen.on_packet(pkt.transport_seq, now)
+    def _on_media(self, pkt: MediaPacket, now: float) -> bool:
+        """Feed one media packet to the receive cores; True if the timer must look again."""
+        twcc = self.twcc_gen
+        twcc.on_packet(pkt.transport_seq, now)
+        wake = (twcc.next_timeout() or 0.0) < self._timer_deadline
+        nack = self.nack[pkt.stream]
+        missing = nack.missing
         frame_end = pkt.seq - pkt.frag_index + pkt.frag_count - 1
         try:
-            if self.nack[pkt.stream].on_packet(pkt.seq, now, frame_end) and (
-                pkt.stream is StreamId.VIDEO
-            ):
+            if nack.on_packet(pkt.seq, now, frame_end) and (pkt.stream is StreamId.VIDEO):
                 self.pli.request()
+                wake = True
             frames = self.asm[pkt.stream].push(pkt, now)
         except MediaRemoteError:
             self.wire_errors += 1
-            return
+            return True
+        if nack.missing > missing:
+            wake = True
         for frame in frames:
+            wake = True
             if frame.stream is StreamId.AUDIO:
                 self.abuf.push(frame, now)
             else:
                 if frame.keyframe:
                     self.pli.satisfied()
                 self._video_events(self.vbuf.push(frame, now))
+        return wake
 
     def _video_events(self, events: list[Any]) -> None:
         for ev in events:
@@ -678,7 +737,8 @@ class MediaPipeline:
         while True:
             now = trio.current_time()
             self._service(now)
-            with trio.move_on_at(self._next_deadline(now)):
+            self._timer_deadline = self._next_deadline(now)
+            with trio.move_on_at(self._timer_deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
 
@@ -692,9 +752,17 @@ class MediaPipeline:
         dec, sink, clock = self._video_dec, self.video_sink, self._stamp_clock
         width, height = self.params.width, self.params.height
 
+        cpu = self.cpu
+
         def decode(data: bytes) -> list[tuple[int | None, float | None, tuple[int, int]]]:
             out = []
-            for picture in dec.decode(data):
+            t0 = time.thread_time()
+            pictures = dec.decode(data)
+            t1 = time.thread_time()
+            cpu["video_decode"] += t1 - t0
+            if self._inline_video_decode:
+                self.inline_max = max(self.inline_max, t1 - t0)
+            for picture in pictures:
                 counter = latency = None
                 size = (picture.width, picture.height)
                 if sink.read_stamps:
@@ -709,11 +777,15 @@ class MediaPipeline:
                         done = clock()
                         counter, latency = stamp.counter, done - stamp.send_time(done)
                 out.append((counter, latency, size))
+            cpu["stamp_read"] += time.thread_time() - t1
             return out
 
         async for frame in self._vq_recv:
             try:
-                pictures = await self._dec_video_worker.run(decode, frame.data)
+                if self._inline_video_decode:
+                    pictures = decode(frame.data)
+                else:
+                    pictures = await self._dec_video_worker.run(decode, frame.data)
             except DecodeError:
                 self.video_decode_errors += 1
                 self.pli.request()
@@ -726,8 +798,12 @@ class MediaPipeline:
     async def _decode_audio(self) -> None:
         dec, sink = self._audio_dec, self.audio_sink
 
+        cpu = self.cpu
+
         def decode(data: bytes | None) -> int:
+            t0 = time.thread_time()
             frames = dec.conceal() if data is None else dec.decode(data)
+            cpu["audio_decode"] += time.thread_time() - t0
             return sum(f.samples for f in frames)
 
         async for data in self._aq_recv:

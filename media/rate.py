@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from media.wiremedia import (
     FEEDBACK_MISSING,
@@ -291,12 +291,20 @@ class _Trendline:
 
 
 def _slope(points: deque[tuple[float, float]]) -> float:
+    """Least-squares slope in one pass (it runs for every packet group); the sums are taken
+    relative to the first point, so they stay small however long the call has run."""
     n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    num = sum((x - mx) * (y - my) for x, y in points)
-    den = sum((x - mx) ** 2 for x, _ in points)
-    return num / den if den > 0 else 0.0
+    x0, y0 = points[0]
+    sx = sy = sxx = sxy = 0.0
+    for x, y in points:
+        x -= x0
+        y -= y0
+        sx += x
+        sy += y
+        sxx += x * x
+        sxy += x * y
+    den = sxx - sx * sx / n
+    return (sxy - sx * sy / n) / den if den > 0 else 0.0
 
 
 class RateController:
@@ -333,6 +341,11 @@ class RateController:
         self._group: _Group | None = None
         self._prev_group: _Group | None = None
         self._received: deque[tuple[float, int]] = deque()
+        # Running sum of the sizes in _received and its newest arrival: the receive rate is read
+        # for every packet group, and summing the window each time cost more than the rest of
+        # the controller.
+        self._received_bytes = 0
+        self._newest_arrival = -math.inf
         self._last_increase: float | None = None
         self._last_decrease: float | None = None
         self._capacity: float | None = None  # receive rate at recent decreases (link capacity)
@@ -362,8 +375,7 @@ class RateController:
     def prepare(self, pkt: MediaPacket, now: float) -> bytes:
         """Stamp a fresh transport sequence number on `pkt` and encode it for sending."""
         size = len(pkt.payload) + 20
-        tseq = self.on_packet_sent(size, now)
-        return _with_transport_seq(pkt, tseq).encode()
+        return pkt.encode(self.on_packet_sent(size, now))
 
     # --- feedback ---
 
@@ -394,13 +406,16 @@ class RateController:
                 self.srtt = (
                     sample if self.srtt is None else self.srtt + RTT_GAIN * (sample - self.srtt)
                 )
+        window = self._received
         for sent, arrival in received:
-            self._received.append((arrival, sent.size))
+            window.append((arrival, sent.size))
+            self._received_bytes += sent.size
+            if arrival > self._newest_arrival:
+                self._newest_arrival = arrival
             self._on_arrival(sent, arrival, now)
-        if self._received:
-            newest = max(a for a, _ in self._received)
-            while self._received and self._received[0][0] < newest - RATE_WINDOW:
-                self._received.popleft()
+        oldest = self._newest_arrival - RATE_WINDOW
+        while window and window[0][0] < oldest:
+            self._received_bytes -= window.popleft()[1]
         self._on_loss(lost, len(received), now)
         self._rung = self._quality_index(self.video_bitrate, self.loss, self._rung)
 
@@ -536,7 +551,7 @@ class RateController:
         span = self._received[-1][0] - self._received[0][0]
         if span < RATE_WINDOW / 2:
             return 0.0
-        return 8 * sum(size for _, size in self._received) / span
+        return 8 * self._received_bytes / span
 
     @property
     def target_bitrate(self) -> int:
@@ -586,7 +601,3 @@ def _ladder_for(max_quality: VideoQuality | None) -> tuple[VideoQuality, ...]:
         if q.width <= max_quality.width and q.height <= max_quality.height
     )
     return rungs or (QUALITY_LADDER[-1],)
-
-
-def _with_transport_seq(pkt: MediaPacket, tseq: int) -> MediaPacket:
-    return replace(pkt, transport_seq=tseq)

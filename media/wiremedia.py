@@ -134,9 +134,12 @@ class MediaPacket:
     def retransmit(self) -> bool:
         return bool(self.flags & Flags.RETRANSMIT)
 
-    def encode(self) -> bytes:
+    def encode(self, transport_seq: int | None = None) -> bytes:
+        """The packet's bytes; `transport_seq`, if given, replaces the packet's own on the wire
+        (the rate controller stamps one per send without copying the packet)."""
+        tseq = self.transport_seq if transport_seq is None else transport_seq
         _check(0 <= self.seq < 1 << 16, "seq out of range")
-        _check(0 <= self.transport_seq < 1 << 16, "transport_seq out of range")
+        _check(0 <= tseq < 1 << 16, "transport_seq out of range")
         _check(0 <= self.timestamp < 1 << 32, "timestamp out of range")
         _check(0 <= self.frame_id < 1 << 32, "frame_id out of range")
         _check(0 <= self.codec < 256, "codec out of range")
@@ -145,12 +148,12 @@ class MediaPacket:
         _check(0 <= self.frag_index < self.frag_count, "frag_index out of range")
         _check(len(self.payload) <= MAX_PAYLOAD, "payload larger than MAX_PAYLOAD")
         header = _MEDIA.pack(
-            _first_byte(PacketType.MEDIA),
-            int(self.stream),
-            int(self.flags),
+            _MEDIA_FIRST_BYTE,
+            self.stream,
+            self.flags,
             self.codec,
             self.seq,
-            self.transport_seq,
+            tseq,
             self.timestamp,
             self.frame_id,
             self.frag_index,
@@ -159,11 +162,18 @@ class MediaPacket:
         return header + self.payload
 
 
+# Enum members by wire value, looked up without calling the enum classes (hot path).
+_STREAMS = {int(s): s for s in StreamId}
+_FLAGS = tuple(Flags(i) for i in range(_KNOWN_FLAGS + 1))
+_MEDIA_FIRST_BYTE = (WIRE_VERSION << 4) | PacketType.MEDIA
+
+
 def _parse_media(data: bytes) -> MediaPacket:
     if len(data) < MEDIA_HEADER_SIZE:
         raise MediaWireError("media packet shorter than its header")
     _, stream, flags, codec, seq, tseq, ts, frame_id, index, count = _MEDIA.unpack_from(data)
-    if stream not in StreamId._value2member_map_:
+    stream_id = _STREAMS.get(stream)
+    if stream_id is None:
         raise MediaWireError(f"unknown stream id {stream}")
     if flags & ~_KNOWN_FLAGS:
         raise MediaWireError(f"unknown flag bits {flags:#x}")
@@ -175,16 +185,7 @@ def _parse_media(data: bytes) -> MediaPacket:
     if len(payload) > MAX_PAYLOAD:
         raise MediaWireError("payload larger than MAX_PAYLOAD")
     return MediaPacket(
-        stream=StreamId(stream),
-        seq=seq,
-        timestamp=ts,
-        frame_id=frame_id,
-        frag_index=index,
-        frag_count=count,
-        payload=bytes(payload),
-        flags=Flags(flags),
-        codec=codec,
-        transport_seq=tseq,
+        stream_id, seq, ts, frame_id, index, count, bytes(payload), _FLAGS[flags], codec, tseq
     )
 
 
@@ -336,9 +337,10 @@ def parse_packet(data: bytes) -> Packet:
     version, ptype = data[0] >> 4, data[0] & 0x0F
     if version != WIRE_VERSION:
         raise MediaWireError(f"unsupported media wire version {version}")
-    if ptype not in PacketType._value2member_map_:
+    parser = _PARSERS.get(ptype)
+    if parser is None:
         raise MediaWireError(f"unknown packet type {ptype}")
-    return _PARSERS[PacketType(ptype)](data)
+    return parser(data)
 
 
 # --- sequence unwrapping ---
