@@ -93,10 +93,11 @@ AUDIO_FRAME_S = AUDIO_FRAME_SAMPLES / AUDIO_RATE
 # least MIN_TIMER_SLEEP, so a core whose deadline is already past cannot make the loop spin.
 MAX_TIMER_SLEEP = 0.100
 MIN_TIMER_SLEEP = 0.001
-# Decoder queues: a few frames of video (a longer queue only adds latency; overflowing means the
-# CPU cannot keep up, and dropping + PLI is the honest answer) and 200 ms of audio.
+# Decoder queue for video decoded in a worker thread: a few frames (a longer queue only adds
+# latency; overflowing means the CPU cannot keep up, and dropping + PLI is the honest answer).
+# Audio, and video decoded inline (INLINE_VIDEO_MAX_PIXELS), are decoded as the jitter buffer
+# releases them: no queue, no task switch per frame.
 VIDEO_DECODE_QUEUE = 4
-AUDIO_DECODE_QUEUE = 10
 # Recorder queue: a couple of seconds of all four tracks; a stalled disk drops, not blocks.
 RECORDER_QUEUE = 512
 # The sender skips capture slots it is late for by more than this many frame intervals instead of
@@ -425,7 +426,6 @@ class MediaPipeline:
         self.recorder_error: str | None = None
         self._wake = trio.Event()
         self._vq_send, self._vq_recv = trio.open_memory_channel[AssembledFrame](VIDEO_DECODE_QUEUE)
-        self._aq_send, self._aq_recv = trio.open_memory_channel[bytes | None](AUDIO_DECODE_QUEUE)
         self._rec_send, self._rec_recv = trio.open_memory_channel[tuple[str, bytes, float, bool]](
             RECORDER_QUEUE
         )
@@ -442,8 +442,8 @@ class MediaPipeline:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._senders)
                 nursery.start_soon(self._receive_timer)
-                nursery.start_soon(self._decode_video)
-                nursery.start_soon(self._decode_audio)
+                if not self._inline_video_decode:
+                    nursery.start_soon(self._decode_video)
                 nursery.start_soon(self._sample_stats)
                 if self.recorder is not None:
                     nursery.start_soon(self._record)
@@ -692,19 +692,22 @@ class MediaPipeline:
         self.rc.handle_timeout(now)
         for aev in self.abuf.pop(now):
             if isinstance(aev, AudioOut):
-                self._queue_decode_audio(aev.frame.data)
+                self._play_audio(aev.frame.data)
                 if self.recorder is not None:
                     self._queue_record(TRACK_REMOTE_AUDIO, aev.frame.data, now, True)
             elif isinstance(aev, AudioConceal):
-                self._queue_decode_audio(None)
+                self._play_audio(None)
         for vev in self.vbuf.pop(now):
             if isinstance(vev, VideoOut):
-                try:
-                    self._vq_send.send_nowait(vev.frame)
-                except trio.WouldBlock:
-                    # Decoding cannot keep up: the chain is broken now, ask for a keyframe.
-                    self.decode_overflows += 1
-                    self.pli.request()
+                if self._inline_video_decode:
+                    self._show_video(vev.frame.data)
+                else:
+                    try:
+                        self._vq_send.send_nowait(vev.frame)
+                    except trio.WouldBlock:
+                        # Decoding cannot keep up: the chain is broken now, ask for a keyframe.
+                        self.decode_overflows += 1
+                        self.pli.request()
                 if self.recorder is not None:
                     data, key = vev.frame.data, vev.frame.keyframe
                     self._queue_record(TRACK_REMOTE_VIDEO, data, now, key)
@@ -742,80 +745,79 @@ class MediaPipeline:
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    def _queue_decode_audio(self, data: bytes | None) -> None:
+    def _decode_video_frame(
+        self, data: bytes
+    ) -> list[tuple[int | None, float | None, tuple[int, int]]]:
+        """Decode one frame and read the stamps of its pictures (trio thread or worker)."""
+        sink, cpu = self.video_sink, self.cpu
+        width, height = self.params.width, self.params.height
+        out = []
+        t0 = time.thread_time()
+        pictures = self._video_dec.decode(data)
+        t1 = time.thread_time()
+        cpu["video_decode"] += t1 - t0
+        if self._inline_video_decode:
+            self.inline_max = max(self.inline_max, t1 - t0)
+        for picture in pictures:
+            counter = latency = None
+            size = (picture.width, picture.height)
+            if sink.read_stamps:
+                if size != (width, height):
+                    # Sent smaller (quality ladder): the stamp is laid out for the call size.
+                    picture = picture.reformat(width=width, height=height)
+                try:
+                    stamp = read_stamp(picture)
+                except (StampError, ValueError):
+                    pass
+                else:
+                    done = self._stamp_clock()
+                    counter, latency = stamp.counter, done - stamp.send_time(done)
+            out.append((counter, latency, size))
+        cpu["stamp_read"] += time.thread_time() - t1
+        return out
+
+    def _render(self, pictures: list[tuple[int | None, float | None, tuple[int, int]]]) -> None:
+        now = trio.current_time()
+        for counter, latency, size in pictures:
+            self.video_sink.on_picture(counter, latency, size)
+            self.stats.on_frame_rendered(now)
+
+    def _show_video(self, data: bytes) -> None:
+        """Decode and render one frame on the trio thread (see INLINE_VIDEO_MAX_PIXELS)."""
         try:
-            self._aq_send.send_nowait(data)
-        except trio.WouldBlock:
-            self.decode_overflows += 1
+            pictures = self._decode_video_frame(data)
+        except DecodeError:
+            self.video_decode_errors += 1
+            self.pli.request()
+            return
+        self._render(pictures)
 
     async def _decode_video(self) -> None:
-        dec, sink, clock = self._video_dec, self.video_sink, self._stamp_clock
-        width, height = self.params.width, self.params.height
-
-        cpu = self.cpu
-
-        def decode(data: bytes) -> list[tuple[int | None, float | None, tuple[int, int]]]:
-            out = []
-            t0 = time.thread_time()
-            pictures = dec.decode(data)
-            t1 = time.thread_time()
-            cpu["video_decode"] += t1 - t0
-            if self._inline_video_decode:
-                self.inline_max = max(self.inline_max, t1 - t0)
-            for picture in pictures:
-                counter = latency = None
-                size = (picture.width, picture.height)
-                if sink.read_stamps:
-                    if size != (width, height):
-                        # Sent smaller (quality ladder): the stamp is laid out for the call size.
-                        picture = picture.reformat(width=width, height=height)
-                    try:
-                        stamp = read_stamp(picture)
-                    except (StampError, ValueError):
-                        pass
-                    else:
-                        done = clock()
-                        counter, latency = stamp.counter, done - stamp.send_time(done)
-                out.append((counter, latency, size))
-            cpu["stamp_read"] += time.thread_time() - t1
-            return out
-
+        """Decode in a worker thread, fed by the jitter buffer through a short queue."""
         async for frame in self._vq_recv:
             try:
-                if self._inline_video_decode:
-                    pictures = decode(frame.data)
-                else:
-                    pictures = await self._dec_video_worker.run(decode, frame.data)
+                pictures = await self._dec_video_worker.run(self._decode_video_frame, frame.data)
             except DecodeError:
                 self.video_decode_errors += 1
                 self.pli.request()
                 continue
-            now = trio.current_time()
-            for counter, latency, size in pictures:
-                sink.on_picture(counter, latency, size)
-                self.stats.on_frame_rendered(now)
+            self._render(pictures)
 
-    async def _decode_audio(self) -> None:
-        dec, sink = self._audio_dec, self.audio_sink
-
-        cpu = self.cpu
-
-        def decode(data: bytes | None) -> int:
-            t0 = time.thread_time()
-            frames = dec.conceal() if data is None else dec.decode(data)
-            cpu["audio_decode"] += time.thread_time() - t0
-            return sum(f.samples for f in frames)
-
-        async for data in self._aq_recv:
-            try:
-                samples = decode(data)  # inline: see INLINE_AUDIO_SOURCES
-            except DecodeError:
-                self.stats.count("audio_decode_errors")
-                continue
-            sink.samples += samples
-            sink.frames += 1
-            if data is None:
-                sink.concealed += 1
+    def _play_audio(self, data: bytes | None) -> None:
+        """Decode (or conceal, for None) one audio frame inline: see INLINE_AUDIO_SOURCES."""
+        t0 = time.thread_time()
+        try:
+            frames = self._audio_dec.conceal() if data is None else self._audio_dec.decode(data)
+        except DecodeError:
+            self.stats.count("audio_decode_errors")
+            return
+        finally:
+            self.cpu["audio_decode"] += time.thread_time() - t0
+        sink = self.audio_sink
+        sink.samples += sum(f.samples for f in frames)
+        sink.frames += 1
+        if data is None:
+            sink.concealed += 1
 
     # --- recording ---
 
