@@ -66,7 +66,7 @@ def test_no_reply_larger_than_a_tokenless_request():
 
 def test_padded_request_gets_full_reply_and_token_then_no_padding():
     net = MemoryNet(seed=5)
-    addrs = net.build(30)
+    net.build(30)
     replied: dict[tuple, float] = {}  # (requester, responder) -> when the first reply was sent
     checked = 0
     for when, (src, dst, data) in zip(net.sent_at, net.sent_to, strict=True):

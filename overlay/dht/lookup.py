@@ -14,7 +14,6 @@ from overlay.dht.routing import distance
 from overlay.identity import node_id_for
 from overlay.wire import Address
 
-
 RECORDS_PER_PATH = 2
 
 
