@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import statistics
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -437,7 +436,6 @@ class SessionService:
         self.dht: Any = None
         self.lookup: Callable[[bytes], Awaitable[PeerRecord | None]] | None = None
         self.relay_candidates: Callable[[], list[tuple[bytes, Address]]] = list
-        self.handshake_stats = self.responder.stats
 
     # --- wiring --------------------------------------------------------------------------------
 
@@ -895,7 +893,3 @@ def _loopback_only(record: PeerRecord) -> bool:
     return bool(record.addresses) and all(
         ipaddress.ip_address(a[0]).is_loopback for a in record.addresses
     )
-
-
-def median_ms(values: list[float]) -> float:
-    return round(statistics.median(values) * 1000, 3)

@@ -18,7 +18,7 @@ from overlay.dht import messages as m
 from overlay.dht.lookup import Lookup
 from overlay.dht.ratelimit import KeyedLimiter, TokenBucket
 from overlay.dht.record import PeerRecord, RecordError, check_fresh, parse_record, sign_record
-from overlay.dht.routing import Contact, K, RoutingTable
+from overlay.dht.routing import K, RoutingTable
 from overlay.dht.store import RecordStore
 from overlay.dht.tokens import TokenIssuer
 from overlay.identity import Identity, node_id_for, verify
@@ -250,9 +250,6 @@ class DhtCore:
         self._republish_at = now + self.config.republish_interval
         self._publish_lookup = self.lookup(self.node_id, now)
 
-    def contacts(self) -> list[Contact]:
-        return list(self.table)
-
     def announce(self, address: Address, now: float) -> None:
         """Tell a hint node we can be reached through it (signed, bound to its address token)."""
         self._forward_peers[address] = now + ANNOUNCE_TTL
@@ -266,9 +263,6 @@ class DhtCore:
     def forward_back(self, hint: Address, caller: Address, data: bytes, now: float) -> None:
         """Answer a forwarded packet through the hint it came by."""
         self._with_token(m.FWD_BACK, {"to": wire.pack_address(caller), "data": data}, hint, now)
-
-    def announced_peers(self, now: float) -> int:
-        return sum(1 for _, when in self._announced.values() if now - when < ANNOUNCE_TTL)
 
     # --- signalling ----------------------------------------------------------------------------
 
