@@ -126,6 +126,7 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         Path(self.options.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.clock = Clock()
+        self.sessions.now = self.clock.now  # the per-packet clock, without a wrapper call
         now = self.clock.now()
         self.dht = DhtCore(self.identity, self.options.dht, now=now)
         for address in self.options.listen:
