@@ -110,10 +110,11 @@ class MainPath:
         self.endpoint.send(self.address, packet)
 
 
-@dataclass
+@dataclass(eq=False)
 class RelayPath:
     endpoint: Endpoint
     client: relay_mod.RelayClient
+    owner: PeerSession
     kind: str = "relayed"
     rejoined: float = 0.0
 
@@ -156,7 +157,7 @@ AnyPath = MainPath | RelayPath | IcePath
 # --- one session ------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class PeerSession:
     """What upper layers (calls, ping) hold: send/receive datagrams to one authenticated peer."""
 
@@ -474,7 +475,9 @@ class SessionService:
                     if isinstance(event, relay_mod.DataEvent):
                         self._on_transport(event.payload, path.path_id)
                     elif isinstance(event, relay_mod.JoinedEvent):
-                        log.debug("joined relay %s", format_address(source))
+                        # Probe at once: the path comes alive one round trip after the second
+                        # member joins, not at the next periodic probe.
+                        path.owner._probe(path.path_id, now)
                 for out in path.client.take_outgoing():
                     endpoint.send(source, out)
             return
@@ -724,7 +727,7 @@ class SessionService:
             if endpoint is None:
                 continue
             client = relay_mod.RelayClient(secret, member, address)
-            path = RelayPath(endpoint, client)
+            path = RelayPath(endpoint, client, peer)
             self.relay_clients.setdefault(address, []).append(path)
             peer.paths[path.path_id] = path
             peer.selector.add(path.path_id, "relayed", now)
