@@ -23,6 +23,8 @@ from cli.client import ControlClient
 
 NODES = 30
 IDLE_WINDOW = 60.0
+# Joining refreshes every bucket once (Kademlia's join rule) and publishes records; idle means after.
+SETTLE = 30.0
 SIMULATED_IDLE = 7200.0
 
 
@@ -109,6 +111,7 @@ def real_daemons(nodes: int = NODES, idle_window: float = IDLE_WINDOW) -> dict[s
                         ok += 1
                         hops.append(r["hops"])
                         queries.append(r["queries"])
+            time.sleep(SETTLE)  # start-up bucket refreshes and first announcements done
             before = []
             for state in states:
                 with ControlClient(state) as c:

@@ -250,8 +250,16 @@ class Node:
         assert self.dht is not None and self.clock is not None
         while True:
             contacts = [c for c in self.dht.table if c.failures == 0]
+            # Keep the hints we have while they live (a new set means a new record to publish);
+            # fill up with relay-capable, then fastest contacts.
+            live = {(c.public_key, c.address) for c in contacts}
+            hints = [h for h in self._hints if h in live]
             contacts.sort(key=lambda c: (not c.relay, c.rtt if c.rtt is not None else 1.0))
-            hints = [(c.public_key, c.address) for c in contacts[:HINTS]]
+            for c in contacts:
+                if len(hints) >= HINTS:
+                    break
+                if (c.public_key, c.address) not in hints:
+                    hints.append((c.public_key, c.address))
             now = self.clock.now()
             for _pk, address in hints:
                 self.dht.announce(address, now)
