@@ -133,6 +133,8 @@ class Lookup:
             if self.record is None or record.seq > self.record.seq:
                 self.record = record
                 self.record_depth = cand.depth
+            elif record.seq == self.record.seq and self.record_depth == 0:
+                self.record_depth = cand.depth  # our own stored copy, confirmed by the network
 
     def on_failure(self, node_id: bytes) -> None:
         found = self._find(node_id)
