@@ -21,6 +21,7 @@ class MemoryNet:
         self.events: dict[Address, list[Event]] = {}
         self.sent_to: list[tuple[Address, Address, bytes]] = []  # (src, dst, data), all traffic
         self.sent_at: list[float] = []  # when each of sent_to was sent
+        self.drop = lambda src, dst, data: False  # tests set this to lose chosen datagrams
 
     def add(
         self, address: Address, config: DhtConfig | None = None, identity: Identity | None = None
@@ -44,7 +45,8 @@ class MemoryNet:
         for dst, data in core.datagrams_to_send():
             self.sent_to.append((address, dst, data))
             self.sent_at.append(self.now)
-            self.inject(address, dst, data)
+            if not self.drop(address, dst, data):
+                self.inject(address, dst, data)
         self.events[address].extend(core.events())
 
     def run_for(self, seconds: float) -> None:

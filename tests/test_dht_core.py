@@ -206,3 +206,25 @@ def test_rate_limit_per_source():
         net.inject(flood, addrs[0], m.CODEC.encode(m.PING, body))
     net.run_for(0.1)
     assert net.nodes[addrs[0]].stats.dropped.get("rate-limited", 0) >= 700
+
+
+def test_a_lost_store_is_sent_again():
+    net = MemoryNet(seed=12)
+    addrs = net.build(10, settle=10)
+    owner_addr = addrs[4]
+    owner = net.nodes[owner_addr]
+    lost = []
+
+    def drop_first_stores(src, dst, data):
+        if src == owner_addr and m.CODEC.decode(data)[0] is m.STORE and dst not in lost:
+            lost.append(dst)
+            return True
+        return False
+
+    net.drop = drop_first_stores
+    owner.publish(net.now)
+    net.flush(owner_addr)
+    net.run_for(10)
+    assert lost, "the publish sent stores"
+    for holder in lost:
+        assert net.nodes[holder].store.get(owner.node_id, net.now).seq == owner.own_record.seq

@@ -94,6 +94,8 @@ ANNOUNCE_TTL = 60.0
 # A caller's return route through a hint lives as long as a handshake may take.
 BACK_ROUTE_TTL = 30.0
 MAX_ANNOUNCED = 4096
+# A store is sent up to this many times when no answer comes back.
+STORE_ATTEMPTS = 3
 
 
 @dataclass
@@ -105,6 +107,8 @@ class _Pending:
     deadline: float
     purpose: str  # "ping", "find", "store"
     lookup_id: int | None = None
+    record: PeerRecord | None = None  # what a store carries, to send it again if lost
+    attempt: int = 1
 
 
 @dataclass
@@ -499,6 +503,12 @@ class DhtCore:
 
     def _on_timeout(self, pending: _Pending, now: float) -> None:
         self._waiting_token.pop(pending.address, None)
+        if pending.record is not None and pending.attempt < STORE_ATTEMPTS and pending.node_id:
+            # A lost store would leave a record missing from a replica until the next republish
+            # (20 min): send it again.
+            self._store_to(
+                pending.address, pending.node_id, pending.record, now, pending.attempt + 1
+            )
         if pending.node_id is not None:
             self.table.failed(pending.node_id, lookup=pending.purpose == "find")
         if pending.lookup_id is not None:
@@ -550,15 +560,19 @@ class DhtCore:
             )
         )
 
-    def _store_to(self, address: Address, node_id: bytes, record: PeerRecord, now: float) -> None:
+    def _store_to(
+        self, address: Address, node_id: bytes, record: PeerRecord, now: float, attempt: int = 1
+    ) -> None:
         if node_id == self.node_id:
             return
         token = self._peer_token(address, now)
         if token is None:
             return
-        self._request(
+        pending = self._request(
             m.STORE, {"rec": record.to_wire(), "tok": token}, address, node_id, now, "store"
         )
+        if pending is not None:
+            pending.record, pending.attempt = record, attempt
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -582,12 +596,12 @@ class DhtCore:
         now: float,
         purpose: str,
         lookup_id: int | None = None,
-    ) -> None:
+    ) -> _Pending | None:
         if len(self._pending) >= self.config.max_pending:
             self.stats.drop("too-many-pending")
             if lookup_id is not None and node_id is not None:
                 self._lookups[lookup_id].on_failure(node_id)
-            return
+            return None
         tx = self.rng.randbytes(m.TX_SIZE)
         body = {"tx": tx, "pk": self.public_key, **body}
         token = self._peer_token(address, now)
@@ -611,6 +625,7 @@ class DhtCore:
         self._pending[tx] = pending
         heapq.heappush(self._deadlines, (pending.deadline, tx))
         self._emit(address, data)
+        return pending
 
     def _emit(self, address: Address, data: bytes) -> None:
         self.stats.sent += 1
