@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.client import ControlClient
+from cli.client import ClientError, ControlClient
 
 REPEATS = 5
 
@@ -103,7 +103,7 @@ def nat_bed(repeats: int = REPEATS, delay_ms: int = 50) -> dict[str, Any]:
                 wait_ready(b)
                 bed.impair(a.host, delay_ms=delay_ms)
                 bed.impair(b.host, delay_ms=delay_ms)
-                time.sleep(2.5)
+                _wait_findable(a, b.public_key)
                 result = a.call("session.ping", public_key=b.public_key, count=1, interval=0)
                 samples.append(result["setup_ms"])
                 paths.append(result["path"])
@@ -113,6 +113,18 @@ def nat_bed(repeats: int = REPEATS, delay_ms: int = 50) -> dict[str, Any]:
             "paths": paths,
         }
     return out
+
+
+def _wait_findable(caller: Any, key: str) -> None:
+    """Until the callee's record is stored in the network: setup time is about the session."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            caller.call("dht.lookup", public_key=key, timeout=2.0)
+            return
+        except ClientError:
+            time.sleep(0.5)
+    raise RuntimeError("the callee's record never became findable")
 
 
 def main() -> dict[str, Any]:

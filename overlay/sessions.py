@@ -63,6 +63,10 @@ CONNECT_TIMEOUT = 15.0
 # ICE may take a while on impaired links; a failing pair is given up after this (aioice itself
 # would take ~63 s).
 ICE_TIMEOUT = 10.0
+# A record not found is looked up again this often before giving up (a freshly started callee
+# stores its record within a few seconds).
+LOOKUP_RETRIES = 2
+LOOKUP_RETRY_PAUSE = 1.0
 # How many relays a session joins at once: two, so losing one leaves the other already joined.
 RELAYS_PER_SESSION = 2
 # Sessions nobody sends application data on are closed after this (probes keep paths open but do
@@ -619,6 +623,12 @@ class SessionService:
         assert self.lookup is not None and self.nursery is not None
         with trio.move_on_after(timeout) as scope:
             record = await self.lookup(public_key)
+            for _ in range(LOOKUP_RETRIES):
+                if record is not None:
+                    break
+                # A callee that has just started may not have stored its record yet.
+                await trio.sleep(LOOKUP_RETRY_PAUSE)
+                record = await self.lookup(public_key)
             if record is None:
                 raise ConnectError(f"nobody with key {public_key.hex()} is in the network")
             ice_task = None
