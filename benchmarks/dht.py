@@ -23,7 +23,7 @@ from cli.client import ControlClient
 
 NODES = 30
 IDLE_WINDOW = 60.0
-# Joining refreshes every bucket once (Kademlia's join rule) and publishes records; idle means after.
+# Joining refreshes every bucket once (Kademlia's join rule) and publishes: idle is after that.
 SETTLE = 30.0
 SIMULATED_IDLE = 7200.0
 
