@@ -32,10 +32,17 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
     with NetBed() as bed, tempfile.TemporaryDirectory(prefix="3bc-natcall-") as tmp:
         relay = start_daemon(bed.add_public_host("relay"), Path(tmp), "--relay")
         wait_ready(relay, peers=0)
-        a = start_daemon(bed.add_nat_host("a", nat="full_cone"), Path(tmp),
-                         "--bootstrap", relay.address)
-        b = start_daemon(bed.add_nat_host("b", nat="restricted_cone"), Path(tmp),
-                         "--bootstrap", relay.address, "--auto-answer", "all")
+        a = start_daemon(
+            bed.add_nat_host("a", nat="full_cone"), Path(tmp), "--bootstrap", relay.address
+        )
+        b = start_daemon(
+            bed.add_nat_host("b", nat="restricted_cone"),
+            Path(tmp),
+            "--bootstrap",
+            relay.address,
+            "--auto-answer",
+            "all",
+        )
         wait_ready(a)
         wait_ready(b)
         time.sleep(2)
@@ -43,10 +50,19 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
         bed.impair(b.host, delay_ms=25, loss=0.05)
         import subprocess
 
-        argv = [sys.executable, "-m", "cli.main", "--state-dir", str(a.state), "call",
-                b.public_key, "--duration", str(seconds), "--json"]
-        done = subprocess.run(argv, capture_output=True, text=True, cwd=root,
-                              timeout=seconds + 120)
+        argv = [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "--state-dir",
+            str(a.state),
+            "call",
+            b.public_key,
+            "--duration",
+            str(seconds),
+            "--json",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=seconds + 120)
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
         call = json.loads(done.stdout)["call"]
@@ -70,9 +86,11 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
         "rtt_ms": stats["rtt_ms"],
         "latency_ms": stats.get("latency_ms"),
     }
-    print(f"call across the NAT bed, 50 ms + ~10 % loss: {result['frozen_s_per_minute']} s frozen "
-          f"per minute, NACK recovered {result['nack_recovered']} packets, Opus PLC concealed "
-          f"{result['audio_plc_concealed']} frames (path {result['path']})")
+    print(
+        f"call across the NAT bed, 50 ms + ~10 % loss: {result['frozen_s_per_minute']} s frozen "
+        f"per minute, NACK recovered {result['nack_recovered']} packets, Opus PLC concealed "
+        f"{result['audio_plc_concealed']} frames (path {result['path']})"
+    )
     return result
 
 

@@ -48,8 +48,18 @@ def cli(state: Path, *args: str, timeout: float = 60, as_json: bool = True) -> A
 def start_daemon(root: Path, name: str, port: int, *args: str) -> tuple[Path, subprocess.Popen]:
     state = root / name
     log = open(OUT / f"{name}.log", "w")  # noqa: SIM115 - open for the daemon's lifetime
-    argv = [sys.executable, "-m", "cli.main", "--state-dir", str(state), "daemon",
-            "--listen", f"127.0.0.1:{port}", "--no-ice", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "--state-dir",
+        str(state),
+        "daemon",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--no-ice",
+        *args,
+    ]
     return state, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -103,8 +113,9 @@ def main() -> None:
         boot = f"127.0.0.1:{relay_port}"
         alice, p = start_daemon(root, "alice", free_port(), "--bootstrap", boot)
         procs.append(p)
-        bob, p = start_daemon(root, "bob", free_port(), "--bootstrap", boot,
-                              "--auto-answer", "contacts")
+        bob, p = start_daemon(
+            root, "bob", free_port(), "--bootstrap", boot, "--auto-answer", "contacts"
+        )
         procs.append(p)
         a_info = wait_ready(alice, procs[1], 1)
         b_info = wait_ready(bob, procs[2], 1)
@@ -116,8 +127,10 @@ def main() -> None:
 
         step("Alice finds Bob by his key in the DHT")
         found = cli(alice, "lookup", b_info["public_key"])
-        print(f"    signed record seq {found['seq']}: {', '.join(found['addresses'])} "
-              f"in {found['latency_ms']} ms ({found['queries']} queries)")
+        print(
+            f"    signed record seq {found['seq']}: {', '.join(found['addresses'])} "
+            f"in {found['latency_ms']} ms ({found['queries']} queries)"
+        )
 
         step("Alice opens an encrypted session to Bob")
         ping = cli(alice, "ping", b_info["public_key"], "--count", "3", "--interval", "0.2")
@@ -125,8 +138,16 @@ def main() -> None:
 
         step(f"Alice calls Bob for {CALL_SECONDS} s (VP8 640x480@30 + Opus), recording")
         record = OUT / "call.mkv"
-        result = cli(alice, "call", b_info["public_key"], "--duration", str(CALL_SECONDS),
-                     "--record", str(record.resolve()), timeout=CALL_SECONDS + 90)
+        result = cli(
+            alice,
+            "call",
+            b_info["public_key"],
+            "--duration",
+            str(CALL_SECONDS),
+            "--record",
+            str(record.resolve()),
+            timeout=CALL_SECONDS + 90,
+        )
         call = result["call"]
         stats = call["stats"] or {}
         counters = stats.get("counters", {})
@@ -137,16 +158,22 @@ def main() -> None:
         bob_id = next((c["call_id"] for c in bob_calls if c["peer"] == a_info["public_key"]), None)
         bob_call = cli(bob, "stats", bob_id) if bob_id else {}
         bob_counters = (bob_call.get("stats") or {}).get("counters", {})
-        print(f"    ended: {call['end_reason']} after {call['duration_s']} s over a "
-              f"{call['path']} path ({call['codec']} {call['size']})")
+        print(
+            f"    ended: {call['end_reason']} after {call['duration_s']} s over a "
+            f"{call['path']} path ({call['codec']} {call['size']})"
+        )
         print(f"    Bob was told the call is recorded: {bob_call.get('remote_recording')}")
-        print(f"    video frames: Alice sent {counters.get('video_frames_sent')}, "
-              f"Bob sent {bob_counters.get('video_frames_sent')}, "
-              f"Alice rendered {stats.get('frames_rendered')}, "
-              f"frozen {stats.get('frozen')} s")
+        print(
+            f"    video frames: Alice sent {counters.get('video_frames_sent')}, "
+            f"Bob sent {bob_counters.get('video_frames_sent')}, "
+            f"Alice rendered {stats.get('frames_rendered')}, "
+            f"frozen {stats.get('frozen')} s"
+        )
         lat = stats.get("latency_ms") or {}
-        print(f"    capture to display latency: median {lat.get('median')} ms, "
-              f"p95 {lat.get('p95')} ms; rtt {stats.get('rtt_ms')} ms")
+        print(
+            f"    capture to display latency: median {lat.get('median')} ms, "
+            f"p95 {lat.get('p95')} ms; rtt {stats.get('rtt_ms')} ms"
+        )
 
         step("checking the recording with PyAV")
         tracks = count_recording(record)
@@ -155,15 +182,20 @@ def main() -> None:
             print(f"    track {index}: {track['type']}, {track['packets']} packets{extra}")
         video = sorted(t["packets"] for t in tracks.values() if t["type"] == "video")
         sent = sorted(
-            x for x in (counters.get("video_frames_sent"), bob_counters.get("video_frames_sent"))
+            x
+            for x in (counters.get("video_frames_sent"), bob_counters.get("video_frames_sent"))
             if x
         )
-        ok = bool(video) and len(video) == len(sent) and all(
-            v >= 0.95 * s for v, s in zip(video, sent, strict=True)
+        ok = (
+            bool(video)
+            and len(video) == len(sent)
+            and all(v >= 0.95 * s for v, s in zip(video, sent, strict=True))
         )
-        print(f"    {'OK' if ok else 'SHORT'}: recording holds "
-              f"{' and '.join(str(v) for v in video)} video frames of "
-              f"{' and '.join(str(s) for s in sent)} sent")
+        print(
+            f"    {'OK' if ok else 'SHORT'}: recording holds "
+            f"{' and '.join(str(v) for v in video)} video frames of "
+            f"{' and '.join(str(s) for s in sent)} sent"
+        )
         step("done")
         print(f"    {OUT / 'call.mkv'}\n    {OUT / 'call-report.png'}\n    logs: {OUT}/*.log")
         if not ok:
