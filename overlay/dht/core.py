@@ -16,12 +16,12 @@ from typing import Any
 from overlay import wire
 from overlay.dht import messages as m
 from overlay.dht.lookup import Lookup
-from overlay.dht.ratelimit import KeyedLimiter, TokenBucket
 from overlay.dht.record import PeerRecord, RecordError, check_fresh, parse_record, sign_record
 from overlay.dht.routing import K, RoutingTable
 from overlay.dht.store import RecordStore
 from overlay.dht.tokens import TokenIssuer
 from overlay.identity import Identity, node_id_for, verify
+from overlay.ratelimit import KeyedLimiter, TokenBucket
 
 Address = wire.Address
 

@@ -43,6 +43,7 @@ import nacl.exceptions
 import nacl.signing
 
 from overlay.path.errors import LocalPathError, RelayParseError
+from overlay.ratelimit import TokenBucket
 
 Address = tuple[str, int]
 
@@ -244,26 +245,6 @@ def pair_id_for(pk0: bytes, pk1: bytes) -> bytes:
 
 
 @dataclass(slots=True)
-class TokenBucket:
-    """Classic token bucket, fed `now` by the caller."""
-
-    rate: float
-    burst: float
-    level: float = -1.0
-    updated: float = 0.0
-
-    def take(self, amount: float, now: float) -> bool:
-        if self.level < 0:
-            self.level, self.updated = self.burst, now
-        self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-        if amount > self.level:
-            return False
-        self.level -= amount
-        return True
-
-
-@dataclass(slots=True)
 class _Pair:
     public_keys: tuple[bytes, bytes]
     owner_ip: str
@@ -395,8 +376,10 @@ class RelayServer:
                 owner_ip=source[0],
                 members=[None, None],
                 last_seq=[-1, -1],
-                packets=TokenBucket(self.pair_packets_per_second, self.pair_packets_per_second),
-                bytes_=TokenBucket(self.pair_bytes_per_second, self.pair_bytes_per_second),
+                packets=TokenBucket(
+                    self.pair_packets_per_second, self.pair_packets_per_second, now
+                ),
+                bytes_=TokenBucket(self.pair_bytes_per_second, self.pair_bytes_per_second, now),
                 last_active=now,
             )
             self._pairs[join.pair_id] = pair
@@ -438,11 +421,11 @@ class RelayServer:
             self.stats.dropped_no_peer += 1
             return []
         # Check bytes first so a refused packet does not also spend a packet token (and v.v.).
-        if not pair.bytes_.take(size, now):
+        if not pair.bytes_.allow(now, size):
             self.stats.dropped_rate += 1
             return []
-        if not pair.packets.take(1, now):
-            pair.bytes_.level += size
+        if not pair.packets.allow(now):
+            pair.bytes_.tokens += size
             self.stats.dropped_rate += 1
             return []
         self.stats.forwarded_packets += 1
