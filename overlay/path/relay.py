@@ -402,35 +402,39 @@ class RelayServer:
     def forward(self, data: bytes, source: Address, now: float) -> Address | None:
         """The DATA hot path: where to send `data` unchanged, or None to drop it. Same checks as
         `receive`, without building message objects per packet."""
-        if len(data) < _DATA_HEADER.size or len(data) > MAX_DATA_SIZE:
+        size = len(data)
+        if size < _DATA_HEADER.size or size > MAX_DATA_SIZE:
             self.stats.dropped_malformed += 1
             return None
-        out = self._on_data(Data(data[1 : 1 + PAIR_ID_SIZE], b""), len(data), data, source, now)
-        return out[0].addr if out else None
+        return self._forward_to(data[1 : 1 + PAIR_ID_SIZE], size, source, now)
 
     def _on_data(
         self, message: Data, size: int, raw: bytes, source: Address, now: float
     ) -> list[Outgoing]:
-        pair = self._pairs.get(message.pair_id)
+        other = self._forward_to(message.pair_id, size, source, now)
+        return [] if other is None else [Outgoing(raw, other)]
+
+    def _forward_to(self, pair_id: bytes, size: int, source: Address, now: float) -> Address | None:
+        pair = self._pairs.get(pair_id)
         if pair is None or source not in pair.members:
             self.stats.dropped_unknown += 1
-            return []
-        self._touch(message.pair_id, pair, now)
+            return None
+        self._touch(pair_id, pair, now)
         other = pair.members[1 - pair.members.index(source)]
         if other is None:
             self.stats.dropped_no_peer += 1
-            return []
+            return None
         # Check bytes first so a refused packet does not also spend a packet token (and v.v.).
         if not pair.bytes_.allow(now, size):
             self.stats.dropped_rate += 1
-            return []
+            return None
         if not pair.packets.allow(now):
             pair.bytes_.tokens += size
             self.stats.dropped_rate += 1
-            return []
+            return None
         self.stats.forwarded_packets += 1
         self.stats.forwarded_bytes += size
-        return [Outgoing(raw, other)]
+        return other
 
     def _touch(self, pair_id: bytes, pair: _Pair, now: float) -> None:
         pair.last_active = now
