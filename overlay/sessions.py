@@ -26,6 +26,7 @@ from overlay import wire
 from overlay.dht.record import PeerRecord, format_address
 from overlay.endpoint import Endpoint
 from overlay.identity import Identity
+from overlay.inbox import Inbox, InboxClosed
 from overlay.path import relay as relay_mod
 from overlay.path import stun_reflector
 from overlay.path.errors import PathError
@@ -36,6 +37,7 @@ from overlay.session import (
     KIND_MSG2,
     KIND_TRANSPORT,
     MAX_HANDSHAKE_PAYLOAD,
+    TRANSPORT_OVERHEAD,
     Accepted,
     CookieReceived,
     CookieReply,
@@ -84,6 +86,7 @@ MAX_SESSIONS = 256
 HINTS = 3
 ANNOUNCE_INTERVAL = 20.0
 _PROBE = struct.Struct("!Bd8s")
+_RECEIVER_INDEX = struct.Struct("!I")  # at offset 1 of a transport packet
 _APP_PREFIX = bytes([APP_DATA])
 
 
@@ -177,14 +180,10 @@ class PeerSession:
     last_app: float = 0.0
     setup_ms: float | None = None
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
-    _send_app: trio.MemorySendChannel[bytes] | None = None
-    _recv_app: trio.MemoryReceiveChannel[bytes] | None = None
+    inbox: Inbox = field(default_factory=lambda: Inbox(APP_QUEUE))
     _pings: dict[bytes, trio.MemorySendChannel[float]] = field(default_factory=dict)
     _probes: dict[bytes, tuple[str, float]] = field(default_factory=dict)
     main_paths: dict[Address, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._send_app, self._recv_app = trio.open_memory_channel[bytes](APP_QUEUE)
 
     # The interface media/ codes against (media/session_api.py).
     @property
@@ -213,23 +212,15 @@ class PeerSession:
         self._send_inner(_APP_PREFIX + data, now=now)
 
     async def receive(self) -> bytes:
-        assert self._recv_app is not None
-        try:
-            return await self._recv_app.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise SessionClosed("session closed") from None
+        return (await self.receive_batch(1))[0]
 
     async def receive_batch(self, max_count: int = 256) -> list[bytes]:
         """Everything queued (at least one datagram), with one checkpoint instead of one per
         datagram: a reader at media or benchmark rates keeps up with the socket's bursts."""
-        assert self._recv_app is not None
-        out = [await self.receive()]
-        while len(out) < max_count:
-            try:
-                out.append(self._recv_app.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        return out
+        try:
+            return await self.inbox.get_batch(max_count)
+        except InboxClosed:
+            raise SessionClosed("session closed") from None
 
     async def ping(self) -> float:
         """One round trip on the active path, in seconds."""
@@ -248,8 +239,7 @@ class PeerSession:
         if notify:
             self._send_inner(bytes([CLOSE]))
         self.closed = True
-        assert self._send_app is not None
-        self._send_app.close()
+        self.inbox.close()
         self.cancel.cancel()
         self.service._forget(self)
 
@@ -309,6 +299,20 @@ class PeerSession:
         self._send_inner(_PROBE.pack(PROBE, now, nonce), path_id)
 
     def on_plaintext(self, plaintext: bytes, path_id: str, now: float) -> None:
+        state = self.selector.paths.get(path_id)
+        if (
+            state is not None
+            and state.alive(now)
+            and self.confirmed
+            and plaintext
+            and plaintext[0] >= APP_DATA
+        ):
+            # The per-packet case at media rates: app data on a path already alive, so the
+            # selector has nothing to re-choose (its on_receive would only refresh last_rx).
+            state.last_rx = now
+            self.last_app = now
+            self.inbox.put(plaintext[1:])
+            return
         changes = self.selector.changes
         before = self.selector.active_kind
         self.selector.on_receive(path_id, now)
@@ -318,10 +322,7 @@ class PeerSession:
         kind = plaintext[0] if plaintext else 0
         if kind >= APP_DATA:
             self.last_app = now
-            assert self._send_app is not None
-            # A reader that fell behind loses datagrams, as UDP would.
-            with contextlib.suppress(trio.WouldBlock):
-                self._send_app.send_nowait(plaintext[1:])
+            self.inbox.put(plaintext[1:])  # a reader that fell behind loses datagrams, as UDP would
             if self.selector.changes != changes:
                 self._after_select(before)
             return
@@ -523,11 +524,9 @@ class SessionService:
         source: Address | None = None,
     ) -> None:
         """The per-packet hot path: find the session by index, open, hand over."""
-        try:
-            index = peek_receiver_index(packet)
-        except SessionError:
+        if len(packet) < TRANSPORT_OVERHEAD or packet[0] != KIND_TRANSPORT:
             return
-        peer = self.by_index.get(index)
+        peer = self.by_index.get(_RECEIVER_INDEX.unpack_from(packet, 1)[0])
         if peer is None or peer.closed:
             return
         now = self.now()

@@ -13,6 +13,8 @@ not decrypt traffic older than about one epoch.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import nacl.bindings
 import nacl.exceptions
 
@@ -42,7 +44,10 @@ MAX_EPOCH_LOOKAHEAD = 2
 # Largest UDP payload (65507) minus our overhead; callers normally stay near 1200 B.
 MAX_PLAINTEXT = 65507 - TRANSPORT_OVERHEAD
 
-_NONCE_PAD = bytes(15)  # nonce = epoch byte | counter | zeros: unique because counters never repeat
+# nonce = epoch byte | counter | zeros: unique because counters never repeat
+_NONCE_PAD = bytes(15)
+_secretbox = nacl.bindings.crypto_secretbox_easy
+_secretbox_open = nacl.bindings.crypto_secretbox_open
 
 
 class _SendState:
@@ -118,13 +123,14 @@ class Session:
 
     def seal(self, plaintext: bytes, now: float) -> bytes:
         """Encrypt one datagram for the peer, ratcheting the send key first when due."""
-        if len(plaintext) > MAX_PLAINTEXT:
-            raise LocalProtocolError(f"plaintext of {len(plaintext)} B exceeds {MAX_PLAINTEXT}")
-        if self.expired(now):
-            raise LocalProtocolError("session past REJECT_AFTER_SECONDS: handshake again")
         send = self._send
-        if send.counter >= REJECT_AFTER_MESSAGES:
-            raise LocalProtocolError("session out of counters: handshake again")
+        # One combined test on the per-packet path; the rare cases are sorted out below.
+        if (
+            len(plaintext) > MAX_PLAINTEXT
+            or now - self.created >= REJECT_AFTER_SECONDS
+            or send.counter >= REJECT_AFTER_MESSAGES
+        ):
+            self._refuse_seal(plaintext, now)
         if (
             send.epoch_messages >= REKEY_AFTER_MESSAGES
             or now - send.epoch_started >= REKEY_AFTER_SECONDS
@@ -137,11 +143,19 @@ class Session:
         header = TRANSPORT_HEADER.pack(
             KIND_TRANSPORT, self.remote_index, send.epoch & 0xFF, send.counter
         )
-        sealed = nacl.bindings.crypto_secretbox(plaintext, header[5:] + _NONCE_PAD, send.key)
+        # secretbox_easy gives the same bytes as secretbox without PyNaCl's zero-padding copy.
+        sealed = _secretbox(plaintext, header[5:] + _NONCE_PAD, send.key)
         send.counter += 1
         send.epoch_messages += 1
         self.stats.sent += 1
         return header + sealed
+
+    def _refuse_seal(self, plaintext: bytes, now: float) -> NoReturn:
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise LocalProtocolError(f"plaintext of {len(plaintext)} B exceeds {MAX_PLAINTEXT}")
+        if self.expired(now):
+            raise LocalProtocolError("session past REJECT_AFTER_SECONDS: handshake again")
+        raise LocalProtocolError("session out of counters: handshake again")
 
     def open(self, packet: bytes, now: float) -> bytes:
         """Authenticate and decrypt one datagram; any refusal is counted and raised as typed."""
@@ -159,14 +173,13 @@ class Session:
                 raise RemoteProtocolError(DropReason.FOREIGN, "not a transport packet")
             raise RemoteProtocolError(DropReason.TRUNCATED, f"{len(packet)} B transport packet")
         kind, index, wire_epoch, counter = TRANSPORT_HEADER.unpack_from(packet)
-        if kind != KIND_TRANSPORT:
-            raise RemoteProtocolError(DropReason.FOREIGN, f"kind 0x{kind:02x}")
-        if index != self.local_index:
-            raise RemoteProtocolError(DropReason.UNKNOWN_INDEX, f"index {index} is not ours")
-        if self.expired(now):
-            raise RemoteProtocolError(DropReason.EXPIRED, "session past REJECT_AFTER_SECONDS")
-        if counter >= REJECT_AFTER_MESSAGES:
-            raise RemoteProtocolError(DropReason.EXPIRED, "counter beyond the session's limit")
+        if (
+            kind != KIND_TRANSPORT
+            or index != self.local_index
+            or now - self.created >= REJECT_AFTER_SECONDS
+            or counter >= REJECT_AFTER_MESSAGES
+        ):
+            self._refuse_header(kind, index, counter, now)
         receive = self._receive
         if receive.previous is not None and now >= receive.previous_until:
             receive.previous = None  # grace over: forget the previous epoch's key
@@ -182,7 +195,7 @@ class Session:
         else:
             raise RemoteProtocolError(DropReason.BAD_EPOCH, f"epoch byte {wire_epoch}")
         try:
-            plaintext = nacl.bindings.crypto_secretbox_open(
+            plaintext = _secretbox_open(
                 packet[TRANSPORT_HEADER.size :], packet[5 : TRANSPORT_HEADER.size] + _NONCE_PAD, key
             )
         except (nacl.exceptions.CryptoError, ValueError) as e:
@@ -196,6 +209,15 @@ class Session:
             receive.epoch += ahead
             self.stats.receive_rekeys += ahead
         return plaintext
+
+    def _refuse_header(self, kind: int, index: int, counter: int, now: float) -> NoReturn:
+        if kind != KIND_TRANSPORT:
+            raise RemoteProtocolError(DropReason.FOREIGN, f"kind 0x{kind:02x}")
+        if index != self.local_index:
+            raise RemoteProtocolError(DropReason.UNKNOWN_INDEX, f"index {index} is not ours")
+        if self.expired(now):
+            raise RemoteProtocolError(DropReason.EXPIRED, "session past REJECT_AFTER_SECONDS")
+        raise RemoteProtocolError(DropReason.EXPIRED, "counter beyond the session's limit")
 
 
 def _key_before(key: bytes, ahead: int) -> bytes:
