@@ -76,6 +76,11 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
         "frozen_s": stats["frozen"],
         "frozen_s_per_minute": round(stats["frozen"] / minutes, 2),
         "freezes": stats["freezes"],
+        "fps_rendered_avg": round(stats["frames_rendered"] / call["duration_s"], 1),
+        "nack_recovered_per_minute": round(counters["nack_recovered"] / minutes),
+        "audio_plc_per_minute": round(counters["plc_concealed"] / minutes),
+        "send_rung": stats.get("quality_rung"),
+        "target_bitrate": stats.get("target_bitrate"),
         "frames_sent_by_far_end_est": counters.get("video_frames_sent"),
         "frames_rendered": stats["frames_rendered"],
         "nack_recovered": counters["nack_recovered"],
@@ -91,6 +96,7 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
         f"per minute, NACK recovered {result['nack_recovered']} packets, Opus PLC concealed "
         f"{result['audio_plc_concealed']} frames (path {result['path']})"
     )
+    print(json.dumps(result))
     return result
 
 

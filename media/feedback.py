@@ -32,6 +32,15 @@ NACK_REORDER_WAIT = 0.015
 NACK_RETRY_RTTS = 1.0
 NACK_MIN_RETRY = 0.020
 NACK_BACKOFF = 1.5
+# On a lossy path one NACK round in five fails (the NACK or its answer lost, 1 − 0.9² at 10 %),
+# and each failure costs a round trip of stalled video. From DUPLICATE_LOSS packet loss on, NACKs
+# and the retransmissions answering them are sent twice: a round then fails only when both copies
+# of one leg are lost (~2 % at 10 % loss), for ~loss × the video rate of extra traffic (the
+# retransmissions; NACKs are a few dozen bytes). Like FEC, but only on packets known to be lost.
+DUPLICATE_LOSS = 0.03
+# The receiver's loss estimate (per stream, for DUPLICATE_LOSS) is an EWMA over packets, gain
+# 1/128: ~4 s of 30 fps video.
+LOSS_GAIN = 1 / 128
 # WebRTC gives up after 10 attempts (kMaxNackRetries) and keeps at most 1000 entries
 # (kMaxNackPackets); past one second a retransmission cannot reach a live call in time.
 NACK_MAX_TRIES = 10
@@ -75,6 +84,18 @@ class NackGenerator:
         self.reordered = 0  # missing packets that arrived before any NACK
         self.given_up = 0
         self.overflows = 0
+        self._seen = 0.0  # packets and NACKed packets, decayed by LOSS_GAIN per packet
+        self._lost = 0.0
+
+    @property
+    def loss(self) -> float:
+        """Recent fraction of packets that had to be NACKed (EWMA over ~1/LOSS_GAIN packets)."""
+        return self._lost / self._seen if self._seen else 0.0
+
+    @property
+    def copies(self) -> int:
+        """How many copies of each NACK to send (see DUPLICATE_LOSS)."""
+        return 2 if self.loss >= DUPLICATE_LOSS else 1
 
     def set_rtt(self, rtt: float) -> None:
         self.rtt = rtt
@@ -106,6 +127,10 @@ class NackGenerator:
         if top <= self._highest:
             return False
         gap = top - self._highest - (1 if top == ext else 0)
+        # Every new sequence number counts as a packet; NACKed ones count as lost (in `poll`).
+        decay = (1 - LOSS_GAIN) ** (top - self._highest)
+        self._seen = self._seen * decay + (top - self._highest)
+        self._lost *= decay
         if len(self._missing) + gap > NACK_MAX_LIST:
             self.given_up += len(self._missing) + gap
             self._missing.clear()
@@ -128,6 +153,8 @@ class NackGenerator:
             return None
         for s in due:
             entry = self._missing[s]
+            if not entry.tries:
+                self._lost += 1
             entry.tries += 1
             interval = max(NACK_MIN_RETRY, NACK_RETRY_RTTS * self.rtt)
             entry.next_send = now + interval * NACK_BACKOFF ** (entry.tries - 1)
@@ -166,8 +193,12 @@ class RetransmissionBuffer:
         self._packets[key] = (pkt, now)
         self._expire(now)
 
-    def on_nack(self, nack: NackPacket, now: float, rtt: float) -> list[MediaPacket]:
-        """The packets to send again, flagged RETRANSMIT (give each a fresh transport seq)."""
+    def on_nack(
+        self, nack: NackPacket, now: float, rtt: float, loss: float = 0.0
+    ) -> list[MediaPacket]:
+        """The packets to send again, flagged RETRANSMIT (give each a fresh transport seq);
+        twice each when the path loses `loss` ≥ DUPLICATE_LOSS of its packets."""
+        copies = 2 if loss >= DUPLICATE_LOSS else 1
         self._expire(now)
         out = []
         for seq in dict.fromkeys(nack.seqs):
@@ -183,7 +214,7 @@ class RetransmissionBuffer:
                 continue
             self._resent[key] = now
             self.retransmitted += 1
-            out.append(replace(stored[0], flags=stored[0].flags | Flags.RETRANSMIT))
+            out += [replace(stored[0], flags=stored[0].flags | Flags.RETRANSMIT)] * copies
         return out
 
     def _expire(self, now: float) -> None:

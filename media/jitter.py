@@ -34,6 +34,14 @@ VIDEO_MAX_DELAY = 0.400
 # start of a call, before we know whether the path loses packets).
 RTX_DELAY_EXTRA = 0.015
 RTX_DELAY_HOLD = 10.0
+# While retransmissions are at work the video delay also covers the RTX_LATE_QUANTILE of how late
+# recent frames became complete (completion − pts − base, over the last RTX_LATE_HISTORY frames):
+# at 10 % loss one NACK round in five fails (the NACK or its answer lost), so a one-RTT budget
+# freezes on every second round; the quantile measures how many rounds this path's loss actually
+# takes, RTT and NACK retry timing included, as NetEq sizes its buffer from a delay histogram.
+# Without loss no frame is late and the budget stays at one round (then nothing, see above).
+RTX_LATE_QUANTILE = 0.98
+RTX_LATE_HISTORY = 300  # 10 s at 30 fps
 # The applied delay follows the target at most this fast (seconds per second of media): 10 %
 # time-stretch is inaudible for speech, similar to NetEq's accelerate/preemptive-expand steps.
 DELAY_SLEW_RATE = 0.10
@@ -138,6 +146,7 @@ class _Timing:
         self.jitter = 0.0
         self.delay = lo
         self.extra = 0.0  # added to the jitter-based target (the video's NACK budget)
+        self.floor = 0.0  # the target is at least this (the video's measured NACK budget)
         self._last_update: float | None = None
 
     def observe(self, arrival: float, pts: float) -> None:
@@ -163,7 +172,13 @@ class _Timing:
 
     @property
     def target(self) -> float:
-        return max(self._lo, min(self._hi, JITTER_MULTIPLIER * self.jitter + self.extra))
+        wanted = max(JITTER_MULTIPLIER * self.jitter + self.extra, self.floor)
+        return max(self._lo, min(self._hi, wanted))
+
+    @property
+    def base(self) -> float:
+        """The smallest recent transit (arrival − pts); only after a first `observe`."""
+        return self._mins[0][1]
 
     def playout(self, pts: float) -> float:
         return pts + self._clock.offset(self.stream)
@@ -284,6 +299,7 @@ class VideoJitterBuffer:
         self.rtt = rtt
         self._highest: int | None = None
         self._rtx_until = float("-inf")
+        self._lateness: deque[float] = deque(maxlen=RTX_LATE_HISTORY)
         self.late = 0
         self.duplicates = 0
         self.skipped = 0
@@ -300,6 +316,20 @@ class VideoJitterBuffer:
     def set_rtt(self, rtt: float) -> None:
         self.rtt = rtt
 
+    @property
+    def rtx_budget(self) -> float:
+        """How late (RTX_LATE_QUANTILE) recent frames completed: the delay that lets them play."""
+        if not self._lateness:
+            return 0.0
+        ordered = sorted(self._lateness)
+        return ordered[min(len(ordered) - 1, int(RTX_LATE_QUANTILE * len(ordered)))] + (
+            RTX_DELAY_EXTRA
+        )
+
+    @property
+    def target_delay(self) -> float:
+        return self._timing.target
+
     def push(self, frame: AssembledFrame, now: float) -> list[VideoEvent]:
         if frame.stream != StreamId.VIDEO:
             raise MediaLocalError("audio frame given to the video buffer")
@@ -314,8 +344,14 @@ class VideoJitterBuffer:
         elif frame.frame_id < self._highest:
             self._rtx_until = now + RTX_DELAY_HOLD  # it overtook: a retransmission at work
         self._highest = max(frame.frame_id, self._highest or 0)
-        self._timing.extra = self.rtt + RTX_DELAY_EXTRA if now < self._rtx_until else 0.0
-        self._timing.observe(now, frame.pts)
+        timing = self._timing
+        if now < self._rtx_until:
+            timing.extra = self.rtt + RTX_DELAY_EXTRA
+            timing.floor = self.rtx_budget
+        else:
+            timing.extra = timing.floor = 0.0
+        timing.observe(now, frame.pts)
+        self._lateness.append(now - frame.pts - timing.base)
         self._frames[frame.frame_id] = frame
         if self._next is None:
             if frame.keyframe:

@@ -635,7 +635,7 @@ class MediaPipeline:
         elif isinstance(pkt, FeedbackPacket):
             self.rc.on_feedback(pkt, now)
         elif isinstance(pkt, NackPacket):
-            for r in self.rtx.on_nack(pkt, now, self.rc.rtt):
+            for r in self.rtx.on_nack(pkt, now, self.rc.rtt, self.rc.smoothed_loss):
                 self._send(self.rc.prepare(r, now), now)
         elif isinstance(pkt, PliPacket) and self.gate.on_pli(now):
             self._force_key = True
@@ -719,7 +719,9 @@ class MediaPipeline:
         for gen in self.nack.values():
             nack = gen.poll(now)
             if nack is not None:
-                self._send(nack.encode(), now)
+                data = nack.encode()
+                for _ in range(gen.copies):  # twice on a lossy path: see feedback.DUPLICATE_LOSS
+                    self._send(data, now)
         pli = self.pli.poll(now)
         if pli is not None:
             self._send(pli.encode(), now)

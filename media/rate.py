@@ -76,6 +76,18 @@ LOSS_INCREASE = 1.05
 # swing it.
 LOSS_WINDOW = 0.5
 LOSS_MIN_PACKETS = 20
+# The controller compares with the thresholds a smoothed loss (EWMA of window losses, gain 0.3:
+# ~1.5 s memory) less the path's inherent loss: the lowest smoothed loss of the last
+# INHERENT_LOSS_WINDOW, up to INHERENT_LOSS_MAX. Loss that stays whatever the rate is (a lossy
+# radio, a lossy link) is not congestion: cutting the rate does not lower it, it only starves the
+# video (with 10 % random loss, raw 0.5 s windows cross 10 % half the time, and GCC's "hold"
+# band then ratchets the rate down to the floor). Congestion loss comes and goes with the rate,
+# so the minimum stays low and GCC's thresholds apply as before; past INHERENT_LOSS_MAX random
+# loss is cut for again (fewer, smaller packets per frame survive better). This is the idea of
+# WebRTC's LossBasedBweV2 "inherent loss", in its simplest form.
+LOSS_SMOOTHING = 0.3
+INHERENT_LOSS_WINDOW = 10.0
+INHERENT_LOSS_MAX = 0.10
 # The loss-based estimate may run at most this far above the delay-based one: it only exists to
 # pull the target down, and must not take seconds to come down when loss appears.
 LOSS_HEADROOM = 1.5
@@ -355,7 +367,9 @@ class RateController:
         self._loss_since: float | None = None
         self._last_feedback: float | None = None
         self.feedback_timeouts = 0
-        self.loss = 0.0
+        self.loss = 0.0  # the last window's loss fraction
+        self.smoothed_loss = 0.0
+        self._smoothed_history: deque[tuple[float, float]] = deque()  # (time, smoothed loss)
         self._rung = self._quality_index(self.video_bitrate, self.loss, self._rung)
 
     # --- sending ---
@@ -417,7 +431,7 @@ class RateController:
         while window and window[0][0] < oldest:
             self._received_bytes -= window.popleft()[1]
         self._on_loss(lost, len(received), now)
-        self._rung = self._quality_index(self.video_bitrate, self.loss, self._rung)
+        self._rung = self._quality_index(self.video_bitrate, self.smoothed_loss, self._rung)
 
     def _on_arrival(self, sent: _Sent, arrival: float, now: float) -> None:
         group = self._group
@@ -501,10 +515,21 @@ class RateController:
         if now - self._loss_since < LOSS_WINDOW or self._loss_total < LOSS_MIN_PACKETS:
             return
         self.loss = self._loss_lost / self._loss_total
-        if self.loss > LOSS_HIGH:
-            self.loss_rate *= 1 - 0.5 * self.loss
+        if self._smoothed_history:
+            self.smoothed_loss += LOSS_SMOOTHING * (self.loss - self.smoothed_loss)
+        else:
+            self.smoothed_loss = self.loss
+        history = self._smoothed_history
+        while history and history[-1][1] >= self.smoothed_loss:
+            history.pop()  # kept increasing in loss: the first is the window's minimum
+        history.append((now, self.smoothed_loss))
+        while history[0][0] < now - INHERENT_LOSS_WINDOW:
+            history.popleft()
+        excess = self.congestion_loss
+        if excess > LOSS_HIGH:
+            self.loss_rate *= 1 - 0.5 * excess
             self.startup = False
-        elif self.loss < LOSS_LOW:
+        elif excess < LOSS_LOW:
             # Without loss this controller must not be what holds the rate back: follow the
             # delay-based rate as far as the receiver's measured rate vouches for it.
             vouched = RECEIVE_HEADROOM * self.receive_rate
@@ -534,7 +559,7 @@ class RateController:
         self.loss_rate = max(self.min_bitrate, self.loss_rate / 2)
         self.state = RateState.HOLD
         self._last_feedback = now
-        self._rung = self._quality_index(self.video_bitrate, self.loss, self._rung)
+        self._rung = self._quality_index(self.video_bitrate, self.smoothed_loss, self._rung)
 
     # --- outputs ---
 
@@ -552,6 +577,18 @@ class RateController:
         if span < RATE_WINDOW / 2:
             return 0.0
         return 8 * self._received_bytes / span
+
+    @property
+    def inherent_loss(self) -> float:
+        """Loss the path has whatever we send (see INHERENT_LOSS_WINDOW)."""
+        if not self._smoothed_history:
+            return 0.0
+        return min(INHERENT_LOSS_MAX, self._smoothed_history[0][1])
+
+    @property
+    def congestion_loss(self) -> float:
+        """Smoothed loss above the path's inherent loss: what the loss controller acts on."""
+        return max(0.0, self.smoothed_loss - self.inherent_loss)
 
     @property
     def target_bitrate(self) -> int:

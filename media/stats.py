@@ -1,7 +1,9 @@
 """Per-call statistics: counters, rolling rates, freeze time; snapshots as plain dicts for JSON.
 
-Frozen video is measured as WebRTC's freeze metric does: a gap between rendered frames longer
-than max(3 × the average frame interval, FREEZE_MIN) counts, for its whole length, as frozen.
+Frozen video is measured as WebRTC's freeze metric (webrtc-stats `totalFreezesDuration`,
+VideoQualityObserver) does: once FREEZE_MIN_SAMPLES intervals are known, a gap between rendered
+frames of at least max(3 × the average interval, average + 150 ms) over the last 30 intervals
+counts, for its whole length, as frozen.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from collections import deque
 
 from media.wiremedia import MediaLocalError
 
-# A freeze is a render gap above max(FREEZE_FRAMES × average interval, FREEZE_MIN): 3 frames is
-# where motion visibly stops; 200 ms keeps a 10 fps stream from "freezing" every other frame.
+# A freeze is a render gap of at least max(FREEZE_FRAMES × average interval, average +
+# FREEZE_MIN_INCREASE) (WebRTC: 3 frames, 150 ms), judged once FREEZE_MIN_SAMPLES intervals are
+# known (WebRTC kMinFrameSamplesToDetectFreeze = 5).
 FREEZE_FRAMES = 3
-FREEZE_MIN = 0.200
+FREEZE_MIN_INCREASE = 0.150
+FREEZE_MIN_SAMPLES = 5
 # Rates (bitrate, fps) average over this window: 1 s, like browsers' getStats-based meters.
 RATE_WINDOW = 1.0
-# Frame intervals averaged for the freeze threshold (a few seconds at 30 fps).
-INTERVAL_HISTORY = 90
+# Frame intervals averaged for the freeze threshold (WebRTC: the last 30 rendered frames).
+INTERVAL_HISTORY = 30
 # Samples kept for the report: one per second for two hours; older samples are thinned.
 MAX_SERIES = 7200
 
@@ -75,8 +79,8 @@ class CallStats:
             gap = now - self._last_render
             if gap < 0:
                 raise MediaLocalError("time went backwards")
-            # The first gap only teaches us the frame rate: it cannot be judged yet.
-            if self._intervals and gap > self.freeze_threshold:
+            # The first gaps only teach us the frame rate: they cannot be judged yet.
+            if len(self._intervals) >= FREEZE_MIN_SAMPLES and gap >= self.freeze_threshold:
                 self._frozen += gap
                 self.freezes += 1
             self._intervals.append(gap)
@@ -100,17 +104,16 @@ class CallStats:
 
     @property
     def freeze_threshold(self) -> float:
-        if not self._intervals:
-            return FREEZE_MIN
-        mean = sum(self._intervals) / len(self._intervals)
-        return max(FREEZE_FRAMES * mean, FREEZE_MIN)
+        """The render gap that counts as a freeze now (before any interval is known: 150 ms)."""
+        mean = sum(self._intervals) / len(self._intervals) if self._intervals else 0.0
+        return max(FREEZE_FRAMES * mean, mean + FREEZE_MIN_INCREASE)
 
     def frozen_time(self, now: float) -> float:
         """Seconds of frozen video so far, counting a freeze still going on."""
         ongoing = 0.0
-        if self._last_render is not None:
+        if self._last_render is not None and len(self._intervals) >= FREEZE_MIN_SAMPLES:
             gap = now - self._last_render
-            if gap > self.freeze_threshold:
+            if gap >= self.freeze_threshold:
                 ongoing = gap
         return self._frozen + ongoing
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from media.feedback import (
+    DUPLICATE_LOSS,
     NACK_DEADLINE,
     NACK_MAX_LIST,
     NACK_MAX_TRIES,
@@ -114,6 +115,40 @@ def test_retransmission_buffer_answers_once_per_rtt_and_forgets() -> None:
     assert buf.on_nack(NackPacket(V, (1,)), 5.0, rtt=0.1) == []  # too old now
     with pytest.raises(MediaLocalError):
         buf.store(out[0], 0.0)
+
+
+def test_nacks_are_doubled_once_the_stream_loses_packets() -> None:
+    gen = NackGenerator(V, rtt=0.1)
+    seq, t = 0, 0.0
+    for _ in range(1000):  # lossless
+        gen.on_packet(seq, t)
+        seq, t = seq + 1, t + 0.005
+        assert gen.poll(t) is None
+    assert gen.loss == 0.0 and gen.copies == 1
+    for i in range(1000):  # every 10th packet lost
+        if i % 10:
+            gen.on_packet(seq % (1 << 16), t)
+        seq, t = seq + 1, t + 0.005
+        gen.poll(t)
+    assert gen.loss == pytest.approx(0.10, abs=0.02)
+    assert gen.copies == 2 and DUPLICATE_LOSS < 0.10
+    for _ in range(2000):  # the loss is over: back to single NACKs
+        gen.on_packet(seq % (1 << 16), t)
+        seq, t = seq + 1, t + 0.005
+        gen.poll(t)
+    assert gen.copies == 1
+
+
+def test_retransmissions_are_doubled_on_a_lossy_path() -> None:
+    buf = RetransmissionBuffer()
+    for seq in range(5):
+        buf.store(packet(seq), 0.0)
+    assert [p.seq for p in buf.on_nack(NackPacket(V, (1, 2)), 0.05, 0.1, loss=0.01)] == [1, 2]
+    out = buf.on_nack(NackPacket(V, (3, 4)), 0.05, 0.1, loss=0.10)
+    assert [p.seq for p in out] == [3, 3, 4, 4] and all(p.retransmit for p in out)
+    assert buf.retransmitted == 4  # packets answered, not copies
+    # The receiver's duplicate NACK crosses our answer: not answered again.
+    assert buf.on_nack(NackPacket(V, (3, 4)), 0.06, 0.1, loss=0.10) == []
 
 
 def test_retransmission_buffer_is_bounded() -> None:

@@ -14,6 +14,8 @@ from media.jitter import (
     MAX_AUDIO_FRAMES,
     MAX_SYNC_DELAY,
     MAX_VIDEO_FRAMES,
+    RTX_DELAY_HOLD,
+    VIDEO_MIN_DELAY,
     AudioConceal,
     AudioJitterBuffer,
     KeyframeNeeded,
@@ -138,6 +140,48 @@ def test_video_waits_for_a_retransmission_then_continues_in_order() -> None:
     events = drive_video(buf, frames, CLOCK_OFFSET + 1)
     assert [e.frame.frame_id for e in events if isinstance(e, VideoOut)] == list(range(10))
     assert not any(isinstance(e, VideoSkipped | KeyframeNeeded) for e in events)
+
+
+def play_video(buf: VideoJitterBuffer, frames: list[AssembledFrame], end: float) -> list:
+    """(release time, VideoOut) of every frame shown, stepping a 1 ms clock."""
+    shown = []
+    frames = sorted(frames, key=lambda f: f.completed)
+    t = frames[0].completed
+    while t < end:
+        while frames and frames[0].completed <= t:
+            f = frames.pop(0)
+            buf.push(f, f.completed)
+        shown += [(t, e) for e in buf.pop(t) if isinstance(e, VideoOut)]
+        t += 0.001
+    return shown
+
+
+def test_video_delay_grows_to_cover_frames_that_needed_two_nack_rounds() -> None:
+    """5 % of frames complete 230 ms late (a NACK round failed, the retry came back): the delay
+    learns it, so those frames play on time instead of stalling the picture."""
+    buf = VideoJitterBuffer(rtt=0.1)
+    late = {i for i in range(600) if i % 20 == 7}
+    frames = [
+        video(i, CLOCK_OFFSET + i / 30 + (0.230 if i in late else 0.0), key=(i == 0))
+        for i in range(600)
+    ]
+    shown = play_video(buf, frames, CLOCK_OFFSET + 21)
+    assert [e.frame.frame_id for _, e in shown] == list(range(600))
+    assert buf.target_delay >= 0.230
+    # After a learning period every frame leaves on time, the late ones included.
+    stalled = [e.frame.frame_id for t, e in shown if e.frame.pts > 10 and t > e.playout + 0.002]
+    assert stalled == []
+
+
+def test_video_delay_stays_low_without_loss() -> None:
+    buf = VideoJitterBuffer(rtt=0.1)
+    frames = [video(i, CLOCK_OFFSET + i / 30, key=(i == 0)) for i in range(600)]
+    shown = play_video(buf, frames, CLOCK_OFFSET + 21)
+    assert len(shown) == 600
+    # Past the start-up caution (RTX_DELAY_HOLD) nothing is late: no NACK budget.
+    assert buf.target_delay == VIDEO_MIN_DELAY
+    assert all(t - (e.frame.pts + CLOCK_OFFSET) < 0.03 for t, e in shown if e.frame.pts > 15)
+    assert RTX_DELAY_HOLD < 15
 
 
 def test_video_skips_to_the_next_keyframe_after_a_bounded_wait() -> None:

@@ -193,6 +193,27 @@ def test_heavy_random_loss_pulls_the_rate_down_and_low_loss_lets_it_rise() -> No
     assert window(trace, 55, 60)[-1] > 1_000_000, trace
 
 
+def test_ten_percent_random_loss_is_not_taken_for_congestion() -> None:
+    """Loss that stays whatever the rate (a lossy link, not a full queue) must not ratchet the
+    rate down: windows above GCC's 10 % come half the time at 10 % loss, and cutting on each
+    starved the video to the floor (and the ladder to 160×120@10)."""
+    rc = RateController(max_quality=VideoQuality(640, 480, 30, 0))
+    net = Bottleneck(rc, capacity=10_000_000, loss=0.10)
+    trace = net.run(60.0)
+    assert rc.loss > 0.05 and rc.inherent_loss > 0.05
+    assert min(window(trace, 40, 60)) > 1_500_000, trace
+    assert rc.quality.fps == 30
+
+
+def test_congestion_on_a_randomly_lossy_link_still_pulls_the_rate_down() -> None:
+    rc = RateController(start_bitrate=2_000_000)
+    net = Bottleneck(rc, capacity=800_000, loss=0.05)
+    trace = net.run(20.0)
+    settled = window(trace, 10, 20)
+    assert max(settled) < 1_000_000, trace
+    assert sum(settled) / len(settled) > 300_000, trace
+
+
 def test_quality_steps_down_with_bandwidth_and_up_with_margin() -> None:
     rc = RateController(start_bitrate=MAX_BITRATE)
     assert rc.quality == QUALITY_LADDER[0]

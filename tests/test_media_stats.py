@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from media.report import REPORT_FIELDS
-from media.stats import FREEZE_MIN, MAX_SERIES, CallStats
+from media.stats import FREEZE_MIN_INCREASE, FREEZE_MIN_SAMPLES, MAX_SERIES, CallStats
 
 
 def test_rates_cover_the_last_second() -> None:
@@ -50,7 +50,38 @@ def test_slow_video_uses_three_frame_intervals() -> None:
         s.on_frame_rendered(i * 0.25)  # 4 fps
     assert s.freeze_threshold == pytest.approx(0.75)
     assert s.frozen_time(19 * 0.25) == 0.0
-    assert s.freeze_threshold > FREEZE_MIN
+    assert s.freeze_threshold > 0.25 + FREEZE_MIN_INCREASE
+
+
+def test_fast_video_needs_150_ms_over_the_average() -> None:
+    """At 30 fps, 3 frames (100 ms) is not yet a freeze: WebRTC also asks for average + 150 ms."""
+    s = CallStats(0.0)
+    t = 0.0
+    for _ in range(30):
+        t += 1 / 30
+        s.on_frame_rendered(t)
+    assert s.freeze_threshold == pytest.approx(1 / 30 + 0.150)
+    t += 0.170  # over 3 intervals, under average + 150 ms
+    s.on_frame_rendered(t)
+    assert s.freezes == 0 and s.frozen_time(t) == 0.0
+    t += 0.190
+    s.on_frame_rendered(t)
+    assert s.freezes == 1 and s.frozen_time(t) == pytest.approx(0.190)
+
+
+def test_the_first_intervals_only_learn_the_frame_rate() -> None:
+    s = CallStats(0.0)
+    t = 0.0
+    s.on_frame_rendered(t)
+    for _ in range(FREEZE_MIN_SAMPLES - 1):
+        t += 1 / 30
+        s.on_frame_rendered(t)
+    t += 0.5  # the decoder's start-up: too few intervals known to call it a freeze
+    s.on_frame_rendered(t)
+    assert s.freezes == 0 and s.frozen_time(t) == 0.0
+    t += 0.5  # now the rate is known (and this gap is far above it)
+    s.on_frame_rendered(t)
+    assert s.freezes == 1
 
 
 def test_snapshot_is_json_and_feeds_the_report() -> None:

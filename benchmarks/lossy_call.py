@@ -1,0 +1,240 @@
+"""A deterministic lossy call: two pipelines in one process over an in-memory link, virtual time.
+
+The same media stack as a real call (test pattern 640×480 at 30 fps, VP8 + Opus, NACK, PLI, rate
+control) joined by a link with a fixed one-way delay and seeded random loss, run on trio's
+MockClock (autojump): codec time costs no virtual time and every run with the same seed gives the
+same figures, so a change to loss recovery can be judged in seconds instead of across noisy
+NAT-bed runs. ``benchmarks.nat_call`` stays the real-network check.
+
+Run: ``.venv/bin/python -m benchmarks.lossy_call [SECONDS] [--loss 0.10] [--delay 0.05]
+[--seed 1] [--json]`` (defaults: 60 s, 10 % loss each way, 50 ms one way, seed 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+import random
+from typing import Any
+
+import trio
+import trio.testing
+
+from media.callstate import CallParams
+from media.pipeline import MediaOptions, MediaPipeline, open_sources
+from media.session_api import SessionClosed
+
+WIDTH, HEIGHT, FPS, CODEC = 640, 480, 30, "vp8"
+DRAIN = 1.0
+
+
+class LossyLink:
+    """One end of an in-memory datagram link: fixed delay, independent random loss."""
+
+    def __init__(self, rng: random.Random, loss: float, delay: float) -> None:
+        self.peer_public_key = bytes(32)
+        self.path_kind = "direct"
+        self.path_changes = 0
+        self.rtt: float | None = None
+        self.closed = False
+        self.peer: LossyLink | None = None
+        self.loss, self.delay = loss, delay
+        self._rng = rng
+        self._inbox: list[tuple[float, int, bytes]] = []
+        self._order = itertools.count()
+        self._event = trio.Event()
+        self.sent = self.dropped = 0
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            raise SessionClosed("closed")
+        peer = self.peer
+        assert peer is not None
+        self.sent += 1
+        if self._rng.random() < self.loss:
+            self.dropped += 1
+            return
+        at = trio.current_time() + self.delay
+        heapq.heappush(peer._inbox, (at, next(self._order), bytes(data)))
+        peer._event.set()
+
+    async def receive(self) -> bytes:
+        while True:
+            if self.closed:
+                raise SessionClosed("closed")
+            now = trio.current_time()
+            if self._inbox and self._inbox[0][0] <= now:
+                return heapq.heappop(self._inbox)[2]
+            deadline = self._inbox[0][0] if self._inbox else math.inf
+            with trio.move_on_at(deadline):
+                await self._event.wait()
+            self._event = trio.Event()
+
+
+def link_pair(seed: int, loss: float, delay: float) -> tuple[LossyLink, LossyLink]:
+    a = LossyLink(random.Random(seed), loss, delay)
+    b = LossyLink(random.Random(seed + 1000), loss, delay)
+    a.peer, b.peer = b, a
+    return a, b
+
+
+async def _pump(link: LossyLink, pipeline: MediaPipeline) -> None:
+    try:
+        while True:
+            data = await link.receive()
+            pipeline.handle_datagram(data, trio.current_time())
+    except SessionClosed:
+        pass
+
+
+def _instrument(p: MediaPipeline, log: list[str]) -> None:
+    """Log, on `p`'s receive side, each freeze and what happened around it (--verbose)."""
+    stats, vbuf, pli = p.stats, p.vbuf, p.pli
+    on_rendered, video_events, pli_poll = stats.on_frame_rendered, p._video_events, pli.poll
+    vbuf_push = vbuf.push
+
+    def rendered(now: float) -> None:
+        before = stats.freezes
+        last = stats._last_render
+        on_rendered(now)
+        if stats.freezes > before and last is not None:
+            log.append(f"{now:8.3f} FREEZE {now - last:.3f}s")
+
+    def events(evs: list[Any]) -> None:
+        for ev in evs:
+            log.append(f"{trio.current_time():8.3f} {type(ev).__name__} {ev}")
+        video_events(evs)
+
+    def poll(now: float) -> Any:
+        out = pli_poll(now)
+        if out is not None:
+            log.append(f"{now:8.3f} PLI sent")
+        return out
+
+    def push(frame: Any, now: float) -> Any:
+        if frame.keyframe:
+            log.append(f"{now:8.3f} keyframe {frame.frame_id} complete")
+        return vbuf_push(frame, now)
+
+    stats.on_frame_rendered = rendered  # type: ignore[method-assign]
+    p._video_events = events  # type: ignore[method-assign]
+    pli.poll = poll  # type: ignore[method-assign]
+    vbuf.push = push  # type: ignore[method-assign]
+
+
+async def _call(
+    clock: trio.testing.MockClock,
+    seconds: float,
+    loss: float,
+    delay: float,
+    seed: int,
+    verbose: bool,
+) -> dict[str, Any]:
+    a, b = link_pair(seed, loss, delay)
+    params = CallParams(CODEC, WIDTH, HEIGHT, FPS)
+    options = MediaOptions(width=WIDTH, height=HEIGHT, fps=FPS)
+    pipes = [
+        MediaPipeline(s, params, open_sources(options), stamp_clock=trio.current_time)
+        for s in (a, b)
+    ]
+    fps_samples: list[list[float]] = [[], []]
+    trace: list[list[str]] = [[], []]
+    if verbose:
+        for i, p in enumerate(pipes):
+            _instrument(p, trace[i])
+
+    async def sample_fps() -> None:
+        while True:
+            await trio.sleep(1.0)
+            for i, p in enumerate(pipes):
+                fps_samples[i].append(p.rc.quality.fps if p._ladder_active else FPS)
+
+    async with trio.open_nursery() as nursery:
+        for s, p in zip((a, b), pipes, strict=True):
+            nursery.start_soon(p.run)
+            nursery.start_soon(_pump, s, p)
+        # The encoders open in worker threads: hold virtual time still until they are up (an
+        # autojump would otherwise skip the whole call while the threads work).
+        while any(p._video_enc is None or p._audio_enc is None for p in pipes):
+            await trio.sleep(0)
+        clock.autojump_threshold = 0
+        nursery.start_soon(sample_fps)
+        await trio.sleep(seconds)
+        snaps = [p.snapshot() for p in pipes]
+        for p in pipes:
+            p.stop_sending()
+        await trio.sleep(DRAIN)
+        nursery.cancel_scope.cancel()
+    minutes = seconds / 60
+    out: dict[str, Any] = {"seconds": seconds, "loss": loss, "delay": delay, "seed": seed}
+    for name, rx, tx in (("a", pipes[0], pipes[1]), ("b", pipes[1], pipes[0])):
+        snap = snaps[pipes.index(rx)]
+        if verbose:
+            out[name + "_trace"] = trace[pipes.index(rx)]
+        c = snap["counters"]
+        out[name] = {
+            "frozen_s_per_min": round(snap["frozen"] / minutes, 2),
+            "freezes": snap["freezes"],
+            "frames_sent_by_peer": tx.video_frames_sent,
+            "frames_rendered": snap["frames_rendered"],
+            "avg_rendered_fps": round(snap["frames_rendered"] / seconds, 1),
+            "peer_rung_fps_mean": round(
+                sum(fps_samples[pipes.index(tx)]) / max(1, len(fps_samples[pipes.index(tx)])), 1
+            ),
+            "nack_recovered_per_min": round(c["nack_recovered"] / minutes),
+            "nacks_sent": c["nacks_sent"],
+            "plis_sent": c["plis_sent"],
+            "keyframes_forced_by_peer": tx.gate.keyframes_forced,
+            "video_frames_skipped": c.get("video_frames_skipped", 0),
+            "decode_errors": c["video_decode_errors"],
+            "plc_concealed_per_min": round(c["plc_concealed"] / minutes),
+            "peer_target_kbps_end": round(tx.rc.target_bitrate / 1000),
+            "peer_loss_seen": round(tx.rc.loss, 3),
+            "rtt_ms": snap["rtt_ms"],
+            "latency_ms": snap["latency_ms"],
+        }
+    return out
+
+
+def run(
+    seconds: float = 60.0,
+    loss: float = 0.10,
+    delay: float = 0.050,
+    seed: int = 1,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    clock = trio.testing.MockClock()
+    return trio.run(_call, clock, seconds, loss, delay, seed, verbose, clock=clock)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("seconds", type=float, nargs="?", default=60.0)
+    ap.add_argument("--loss", type=float, default=0.10)
+    ap.add_argument("--delay", type=float, default=0.050)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="log each freeze and its context")
+    args = ap.parse_args()
+    result = run(args.seconds, args.loss, args.delay, args.seed, args.verbose)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for name in ("a", "b"):
+        if args.verbose:
+            print("\n".join(result[name + "_trace"]))
+        r = result[name]
+        print(
+            f"{name}: frozen {r['frozen_s_per_min']} s/min ({r['freezes']} freezes), "
+            f"{r['avg_rendered_fps']} fps rendered (peer rung {r['peer_rung_fps_mean']}), "
+            f"NACK recovered {r['nack_recovered_per_min']}/min, PLIs {r['plis_sent']}, "
+            f"skipped {r['video_frames_skipped']}, PLC {r['plc_concealed_per_min']}/min, "
+            f"peer target {r['peer_target_kbps_end']} kb/s, latency {r['latency_ms']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
