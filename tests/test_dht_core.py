@@ -228,3 +228,45 @@ def test_a_lost_store_is_sent_again():
     assert lost, "the publish sent stores"
     for holder in lost:
         assert net.nodes[holder].store.get(owner.node_id, net.now).seq == owner.own_record.seq
+
+
+def test_bucket_refresh_is_bounded():
+    """A joining node refreshes its buckets two per round, none that is full already, and a
+    refresh lookup stops once its bucket is full: a joining node must not flood the network."""
+    from overlay.dht.core import REFRESHES_PER_ROUND, DhtCore
+    from overlay.dht.routing import bucket_index
+
+    T = 1_800_000_000.0  # a wall-clock time: every bucket of a new table is an hour stale
+    rng = random.Random(9)
+    core = DhtCore(Identity(rng.randbytes(32)), rng=random.Random(1), now=T)
+    by_bucket: dict[int, list[Identity]] = {}
+    while min(len(by_bucket.get(i, [])) for i in (253, 254, 255)) < 20:
+        ident = Identity(rng.randbytes(32))
+        by_bucket.setdefault(bucket_index(core.node_id, ident.node_id), []).append(ident)
+    address = {}
+    for index, count in ((255, 20), (254, 2), (253, 2)):
+        for ident in by_bucket[index][:count]:
+            address[ident.public_key] = ("10.0.0.1", 1000 + len(address))
+            core.table.verified(ident.public_key, address[ident.public_key], T, 0.05)
+    core.handle_timeouts(T + 10)  # the first maintenance round: every non-empty bucket is stale
+    assert len(core._refreshing) == REFRESHES_PER_ROUND
+    assert 255 not in core._refreshing.values()  # full: counted as refreshed, no lookup
+    assert core.table.buckets[255].last_touched == T + 10
+    refresh_254 = next((lid for lid, i in core._refreshing.items() if i == 254), None)
+    assert refresh_254 is not None
+    core.datagrams_to_send()
+    # Bucket 254 fills up (other traffic); the next answer to its refresh ends the lookup.
+    for ident in by_bucket[254][2:20]:
+        core.table.verified(ident.public_key, ("10.0.1.1", len(address)), T + 10, 0.05)
+        address[ident.public_key] = ("10.0.1.1", len(address))
+    pending = next(p for p in core._pending.values() if p.lookup_id == refresh_254)
+    ident = next(i for i in address if node_id_for(i) == pending.node_id)
+    signer = next(i for b in by_bucket.values() for i in b if i.public_key == ident)
+    inner = wire.pack(
+        {"tx": pending.tx, "pk": ident, "tok": bytes(16), "obs": wire.pack_address(("10.0.0.9", 1))}
+    )
+    sig = signer.sign(m.RESPONSE_CONTEXT + inner)
+    core.receive(m.CODEC.encode(m.RESPONSE, {"b": inner, "s": sig}), pending.address, T + 10.1)
+    assert not core.stats.dropped, core.stats.dropped
+    assert refresh_254 not in core._lookups and refresh_254 not in core._refreshing
+    assert not [d for _, d in core.datagrams_to_send() if m.CODEC.decode(d)[0] is m.FIND]

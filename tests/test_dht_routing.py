@@ -56,3 +56,19 @@ def test_self_never_enters():
     table = RoutingTable(SELF.node_id)
     table.verified(SELF.public_key, ("203.0.113.1", 1), 0.0, None)
     assert len(table) == 0
+
+
+@given(keys, st.binary(min_size=32, max_size=32), st.integers(1, 60), st.data())
+def test_closest_equals_sorting_the_whole_table(seeds, target, count, data):
+    """`closest` walks buckets in distance order; it must give exactly the full sort's answer,
+    failing contacts excluded, for targets anywhere (our own id and our bucket neighbours too)."""
+    table = RoutingTable(SELF.node_id, 20)
+    for i, pk in enumerate(public_keys(seeds)):
+        table.verified(pk, ("203.0.113.1", 1000 + i), float(i), 0.01)
+    for c in table:
+        c.failures = data.draw(st.sampled_from([0, 0, 0, MAX_FAILURES]))
+    near = data.draw(st.sampled_from([target, SELF.node_id, *[c.node_id for c in table][:3]]))
+    for live_only in (True, False):
+        pool = [c for c in table if not live_only or c.failures < MAX_FAILURES]
+        want = sorted(pool, key=lambda c: distance(c.node_id, near))[:count]
+        assert table.closest(near, count, live_only=live_only) == want

@@ -96,6 +96,12 @@ BACK_ROUTE_TTL = 30.0
 MAX_ANNOUNCED = 4096
 # A store is sent up to this many times when no answer comes back.
 STORE_ATTEMPTS = 3
+# Our copy of a peer's address token is used for this long: it ages out before the issuer stops
+# accepting it (tokens are valid for one to two 300 s epochs, overlay/dht/tokens.py).
+PEER_TOKEN_TTL = 240.0
+# Bucket refresh lookups started per maintenance round (every ~5 s): a joining node refreshes
+# all its buckets within a minute or so instead of all at once.
+REFRESHES_PER_ROUND = 2
 
 
 @dataclass
@@ -141,9 +147,11 @@ class DhtCore:
         self.stats = DhtStats()
         self._tokens = TokenIssuer(self.rng.randbytes(32))
         self._peer_tokens: dict[Address, tuple[bytes, float]] = {}
+        self._tokens_pruned_at = now
         self._pending: dict[bytes, _Pending] = {}
         self._deadlines: list[tuple[float, bytes]] = []
         self._lookups: dict[int, Lookup] = {}
+        self._refreshing: dict[int, int] = {}  # refresh lookup id -> the bucket it fills
         self._next_lookup = 1
         self._out: list[tuple[Address, bytes]] = []
         self._events: list[Event] = []
@@ -499,7 +507,11 @@ class DhtCore:
                         self.stats.drop("bad-record")
                         record = None
                 lk.on_response(node_id, inner.get("nodes", []), record)
-                self._advance(lk, now)
+                bucket = self._refreshing.get(lk.id)
+                if bucket is not None and self.table.is_full(bucket):
+                    self._finish(lk, now)  # the refresh did its job: stop querying
+                else:
+                    self._advance(lk, now)
 
     def _on_timeout(self, pending: _Pending, now: float) -> None:
         self._waiting_token.pop(pending.address, None)
@@ -528,6 +540,7 @@ class DhtCore:
 
     def _finish(self, lk: Lookup, now: float) -> None:
         self._lookups.pop(lk.id, None)
+        self._refreshing.pop(lk.id, None)
         closest = lk.closest_answered()
         if lk.record is not None:
             # Cache-on-path repair: holders of no or an older record get the newest one.
@@ -582,7 +595,7 @@ class DhtCore:
             return None
         token, when = entry
         # Our copy ages out before the issuer stops accepting it (valid 1-2 epochs).
-        if now - when > 240.0:
+        if now - when > PEER_TOKEN_TTL:
             del self._peer_tokens[address]
             return None
         return token
@@ -655,8 +668,27 @@ class DhtCore:
         self._maintenance_at = now + 5.0 + self.rng.random()
         self._forward_peers = {a: t for a, t in self._forward_peers.items() if t > now}
         self.store.expire(now)
-        for index in self.table.stale_buckets(now, self.config.refresh_interval)[:2]:
-            self.lookup(self.table.random_id_in_bucket(index, self.rng.getrandbits(256)), now)
+        if now - self._tokens_pruned_at > PEER_TOKEN_TTL:
+            # Tokens of every peer that ever answered us would otherwise stay forever.
+            self._tokens_pruned_at = now
+            self._peer_tokens = {
+                a: e for a, e in self._peer_tokens.items() if now - e[1] <= PEER_TOKEN_TTL
+            }
+        # Bucket refresh (Kademlia: a lookup for a random id in every bucket no lookup went
+        # through for an hour; for a joining node, every bucket). Bounded so that a joining node
+        # does not flood the network: two per round, none for a bucket already full of live
+        # contacts (it could only gain reserves; pings keep its contacts checked), and each
+        # refresh lookup stops as soon as its bucket is full.
+        refreshes = 0
+        for index in self.table.stale_buckets(now, self.config.refresh_interval):
+            if self.table.is_full(index):
+                self.table.refreshed(index, now)
+            elif refreshes < REFRESHES_PER_ROUND:
+                refreshes += 1
+                target = self.table.random_id_in_bucket(index, self.rng.getrandbits(256))
+                lookup_id = self.lookup(target, now)
+                if lookup_id in self._lookups:
+                    self._refreshing[lookup_id] = index
         stale = [c for c in self.table if now - c.last_seen >= self.config.ping_interval]
         pinging = {p.node_id for p in self._pending.values()}
         for contact in stale[:8]:

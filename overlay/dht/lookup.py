@@ -70,21 +70,29 @@ class Lookup:
         self._owner: dict[bytes, int] = {}
         ordered = sorted(seeds, key=lambda s: distance(node_id_for(s[0]), target))
         for i, (pk, addr) in enumerate(ordered):
-            self._add(i % len(self._paths), pk, addr, 1)
+            self._add(i % len(self._paths), [(pk, addr)], 1)
 
-    def _add(self, path: int, public_key: bytes, address: Address, depth: int) -> None:
-        cand = Candidate(public_key, address, depth)
-        if cand.node_id == self.self_id or cand.node_id in self._owner:
-            return
-        self._owner[cand.node_id] = path
+    def _add(self, path: int, contacts: list[tuple[bytes, Address]], depth: int) -> None:
         p = self._paths[path]
-        p.candidates.append(cand)
-        p.candidates.sort(key=lambda c: distance(c.node_id, self.target))
+        added = False
+        for public_key, address in contacts:
+            cand = Candidate(public_key, address, depth)
+            if cand.node_id == self.self_id or cand.node_id in self._owner:
+                continue
+            self._owner[cand.node_id] = path
+            p.candidates.append(cand)
+            added = True
+        if not added:
+            return
+        target = int.from_bytes(self.target, "big")
+        p.candidates.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ target)
         # Only the closest few matter; forgetting the rest bounds memory under hostile replies.
-        for dropped in p.candidates[4 * self.k :]:
-            if dropped.state == "new":
-                del self._owner[dropped.node_id]
-        p.candidates = [c for i, c in enumerate(p.candidates) if i < 4 * self.k or c.state != "new"]
+        limit = 4 * self.k
+        if len(p.candidates) > limit:
+            for dropped in p.candidates[limit:]:
+                if dropped.state == "new":
+                    del self._owner[dropped.node_id]
+            p.candidates = [c for i, c in enumerate(p.candidates) if i < limit or c.state != "new"]
 
     def next_queries(self) -> list[Candidate]:
         out: list[Candidate] = []
@@ -123,9 +131,7 @@ class Lookup:
             return
         cand.state = "answered"
         p.in_flight -= 1
-        path = self._owner[node_id]
-        for pk, addr in contacts:
-            self._add(path, pk, addr, cand.depth + 1)
+        self._add(self._owner[node_id], contacts, cand.depth + 1)
         if record is not None and record.node_id == self.target:
             p.records += 1
             p.satisfied = p.records >= RECORDS_PER_PATH
