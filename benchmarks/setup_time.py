@@ -87,7 +87,7 @@ def nat_bed(repeats: int = REPEATS, delay_ms: int = 50) -> dict[str, Any]:
         ("restricted_cone", "restricted_cone", "cone_to_cone_direct"),
         ("symmetric", "symmetric", "symmetric_to_symmetric_relayed"),
     ):
-        samples, paths = [], []
+        samples, paths, failures = [], [], []
         for _ in range(repeats):
             with NetBed() as bed, tempfile.TemporaryDirectory(prefix="3bc-setup-") as tmp:
                 relay_host = bed.add_public_host("relay")
@@ -104,13 +104,18 @@ def nat_bed(repeats: int = REPEATS, delay_ms: int = 50) -> dict[str, Any]:
                 bed.impair(a.host, delay_ms=delay_ms)
                 bed.impair(b.host, delay_ms=delay_ms)
                 _wait_findable(a, b.public_key)
-                result = a.call("session.ping", public_key=b.public_key, count=1, interval=0)
+                try:
+                    result = a.call("session.ping", public_key=b.public_key, count=1, interval=0)
+                except ClientError as exc:  # a failed setup is a result too, not a crash
+                    failures.append(str(exc))
+                    continue
                 samples.append(result["setup_ms"])
                 paths.append(result["path"])
         out[label] = {
             "samples_ms": samples,
-            "median_ms": round(statistics.median(samples), 1),
+            "median_ms": round(statistics.median(samples), 1) if samples else None,
             "paths": paths,
+            "failures": failures,
         }
     return out
 
@@ -137,7 +142,8 @@ def main() -> dict[str, Any]:
         for key in ("cone_to_cone_direct", "symmetric_to_symmetric_relayed"):
             print(
                 f"session setup across the NAT bed (+50 ms each side), {key}: "
-                f"median {bed[key]['median_ms']} ms, paths {bed[key]['paths']}"
+                f"median {bed[key]['median_ms']} ms, paths {bed[key]['paths']}, "
+                f"failed {len(bed[key]['failures'])} of {REPEATS}"
             )
     return result
 
