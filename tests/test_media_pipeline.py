@@ -293,7 +293,9 @@ async def test_ten_percent_loss_keeps_the_frame_rate_and_doubles_repairs(
         nursery.cancel_scope.cancel()
     for sender, receiver in ((pipes[0], pipes[1]), (pipes[1], pipes[0])):
         assert sender.rc.loss > 0.03
-        assert sender._quality().fps == PARAMS.fps  # not stepped down for random loss
+        # Not stepped down for random loss: (nearly) every frame of the call was sent. The rung
+        # at one instant is not asserted: smoothed loss near 10 % may briefly cross the ladder.
+        assert sender.video_frames_sent >= 0.85 * seconds * PARAMS.fps, sender.video_frames_sent
         assert sender.rc.target_bitrate >= 0.8 * sender.rc.max_bitrate
         assert receiver.nack[StreamId.VIDEO].copies == 2
         assert sender.rtx.suppressed > 0  # the second copy of a NACK, crossing our answer
