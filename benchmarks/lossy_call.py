@@ -13,10 +13,7 @@ Run: ``.venv/bin/python -m benchmarks.lossy_call [SECONDS] [--loss 0.10] [--dela
 from __future__ import annotations
 
 import argparse
-import heapq
-import itertools
 import json
-import math
 import random
 from typing import Any
 
@@ -25,69 +22,18 @@ import trio.testing
 
 from media.callstate import CallParams
 from media.pipeline import MediaOptions, MediaPipeline, open_sources
-from media.session_api import SessionClosed
+from tests.media_link import FakeSession, pump
 
 WIDTH, HEIGHT, FPS, CODEC = 640, 480, 30, "vp8"
 DRAIN = 1.0
 
 
-class LossyLink:
-    """One end of an in-memory datagram link: fixed delay, independent random loss."""
-
-    def __init__(self, rng: random.Random, loss: float, delay: float) -> None:
-        self.peer_public_key = bytes(32)
-        self.path_kind = "direct"
-        self.path_changes = 0
-        self.rtt: float | None = None
-        self.closed = False
-        self.peer: LossyLink | None = None
-        self.loss, self.delay = loss, delay
-        self._rng = rng
-        self._inbox: list[tuple[float, int, bytes]] = []
-        self._order = itertools.count()
-        self._event = trio.Event()
-        self.sent = self.dropped = 0
-
-    def send(self, data: bytes) -> None:
-        if self.closed:
-            raise SessionClosed("closed")
-        peer = self.peer
-        assert peer is not None
-        self.sent += 1
-        if self._rng.random() < self.loss:
-            self.dropped += 1
-            return
-        at = trio.current_time() + self.delay
-        heapq.heappush(peer._inbox, (at, next(self._order), bytes(data)))
-        peer._event.set()
-
-    async def receive(self) -> bytes:
-        while True:
-            if self.closed:
-                raise SessionClosed("closed")
-            now = trio.current_time()
-            if self._inbox and self._inbox[0][0] <= now:
-                return heapq.heappop(self._inbox)[2]
-            deadline = self._inbox[0][0] if self._inbox else math.inf
-            with trio.move_on_at(deadline):
-                await self._event.wait()
-            self._event = trio.Event()
-
-
-def link_pair(seed: int, loss: float, delay: float) -> tuple[LossyLink, LossyLink]:
-    a = LossyLink(random.Random(seed), loss, delay)
-    b = LossyLink(random.Random(seed + 1000), loss, delay)
+def link_pair(seed: int, loss: float, delay: float) -> tuple[FakeSession, FakeSession]:
+    """Each direction with its own seeded loss, so one end's traffic does not shift the other's."""
+    a = FakeSession(bytes(32), random.Random(seed), loss=loss, delay=delay)
+    b = FakeSession(bytes(32), random.Random(seed + 1000), loss=loss, delay=delay)
     a.peer, b.peer = b, a
     return a, b
-
-
-async def _pump(link: LossyLink, pipeline: MediaPipeline) -> None:
-    try:
-        while True:
-            data = await link.receive()
-            pipeline.handle_datagram(data, trio.current_time())
-    except SessionClosed:
-        pass
 
 
 def _instrument(p: MediaPipeline, log: list[str]) -> None:
@@ -155,7 +101,7 @@ async def _call(
     async with trio.open_nursery() as nursery:
         for s, p in zip((a, b), pipes, strict=True):
             nursery.start_soon(p.run)
-            nursery.start_soon(_pump, s, p)
+            nursery.start_soon(pump, s, p)
         # The encoders open in worker threads: hold virtual time still until they are up (an
         # autojump would otherwise skip the whole call while the threads work).
         while any(p._video_enc is None or p._audio_enc is None for p in pipes):

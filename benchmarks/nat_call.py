@@ -26,25 +26,11 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
     if reason is not None:
         print(f"NAT call benchmark did not run: {reason}")
         return {"skipped": reason}
-    from tests.nat.daemons import start_daemon, wait_ready
+    from tests.nat.daemons import cone_call_pair
     from tests.nat.netbed import NetBed
 
     with NetBed() as bed, tempfile.TemporaryDirectory(prefix="3bc-natcall-") as tmp:
-        relay = start_daemon(bed.add_public_host("relay"), Path(tmp), "--relay")
-        wait_ready(relay, peers=0)
-        a = start_daemon(
-            bed.add_nat_host("a", nat="full_cone"), Path(tmp), "--bootstrap", relay.address
-        )
-        b = start_daemon(
-            bed.add_nat_host("b", nat="restricted_cone"),
-            Path(tmp),
-            "--bootstrap",
-            relay.address,
-            "--auto-answer",
-            "all",
-        )
-        wait_ready(a)
-        wait_ready(b)
+        _relay, a, b = cone_call_pair(bed, Path(tmp))
         time.sleep(2)
         bed.impair(a.host, delay_ms=25, loss=0.05)
         bed.impair(b.host, delay_ms=25, loss=0.05)

@@ -30,7 +30,7 @@ from media.pipeline import MediaOptions
 from media.session_api import SessionClosed
 from overlay.control import ControlServer, RpcError
 from overlay.events import EventBus
-from tests.test_media_pipeline import KEY_A, KEY_B, FakeSession, session_pair
+from tests.media_link import KEY_A, KEY_B, FakeSession, session_pair
 
 NO_MEDIA = CallOptions(MediaOptions(video="none", audio="none"))
 SMALL_MEDIA = MediaOptions(width=320, height=240, fps=15)

@@ -81,3 +81,22 @@ def wait_ready(daemon: Daemon, peers: int = 1) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"daemon on {daemon.host.name} not ready: {last}\n{daemon.log()}")
+
+
+def cone_call_pair(bed: Any, root: Path) -> tuple[Daemon, Daemon, Daemon]:
+    """A public relay/bootstrap daemon, caller `a` behind a full cone and callee `b` behind a
+    restricted cone answering every call: the bed of the lossy direct-call test and benchmark."""
+    relay = start_daemon(bed.add_public_host("relay"), root, "--relay")
+    wait_ready(relay, peers=0)
+    a = start_daemon(bed.add_nat_host("a", nat="full_cone"), root, "--bootstrap", relay.address)
+    b = start_daemon(
+        bed.add_nat_host("b", nat="restricted_cone"),
+        root,
+        "--bootstrap",
+        relay.address,
+        "--auto-answer",
+        "all",
+    )
+    wait_ready(a)
+    wait_ready(b)
+    return relay, a, b

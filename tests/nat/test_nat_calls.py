@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .daemons import Daemon, start_daemon, wait_ready
+from .daemons import Daemon, cone_call_pair, start_daemon, wait_ready
 from .test_nat_matrix import settle
 
 pytestmark = pytest.mark.nat
@@ -49,21 +49,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> dict:
 
 
 def test_direct_call_through_lossy_delayed_links(netbed, tmp_path):
-    relay = start_daemon(netbed.add_public_host("relay"), tmp_path, "--relay")
-    wait_ready(relay, peers=0)
-    a = start_daemon(
-        netbed.add_nat_host("a", nat="full_cone"), tmp_path, "--bootstrap", relay.address
-    )
-    b = start_daemon(
-        netbed.add_nat_host("b", nat="restricted_cone"),
-        tmp_path,
-        "--bootstrap",
-        relay.address,
-        "--auto-answer",
-        "all",
-    )
-    wait_ready(a)
-    wait_ready(b)
+    _relay, a, b = cone_call_pair(netbed, tmp_path)
     time.sleep(1.5)
     assert settle(a, b, "direct").get("path") == "direct"
     # 25 ms and 5 % loss on each side's link: 50 ms one way and about 10 % loss end to end.
