@@ -29,6 +29,7 @@ def loopback(repeats: int = REPEATS) -> dict[str, Any]:
 
 def _one_loopback() -> float:
     from benchmarks.dht import _free_ports, _wait_socket
+    from cli.demo import daemon_argv
 
     with tempfile.TemporaryDirectory(prefix="3bc-setup-") as root:
         ports = _free_ports(3)
@@ -37,19 +38,7 @@ def _one_loopback() -> float:
             states = []
             for i, port in enumerate(ports):
                 state = Path(root) / f"n{i}"
-                args = [
-                    sys.executable,
-                    "-m",
-                    "cli.main",
-                    "--state-dir",
-                    str(state),
-                    "daemon",
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--no-ice",
-                    "--log-level",
-                    "warning",
-                ]
+                args = daemon_argv(state, port, "--log-level", "warning")
                 if i == 0:
                     args.append("--relay")
                 else:

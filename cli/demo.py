@@ -48,7 +48,14 @@ def cli(state: Path, *args: str, timeout: float = 60, as_json: bool = True) -> A
 def start_daemon(root: Path, name: str, port: int, *args: str) -> tuple[Path, subprocess.Popen]:
     state = root / name
     log = open(OUT / f"{name}.log", "w")  # noqa: SIM115 - open for the daemon's lifetime
-    argv = [
+    return state, subprocess.Popen(
+        daemon_argv(state, port, *args), stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def daemon_argv(state: Path, port: int, *args: str) -> list[str]:
+    """`3bc daemon` on 127.0.0.1:port without ICE (loopback needs none): demo, tests, benchmarks."""
+    return [
         sys.executable,
         "-m",
         "cli.main",
@@ -60,7 +67,6 @@ def start_daemon(root: Path, name: str, port: int, *args: str) -> tuple[Path, su
         "--no-ice",
         *args,
     ]
-    return state, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_ready(state: Path, proc: subprocess.Popen, peers: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo import daemon_argv
 from tests.conftest import free_udp_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,20 +31,7 @@ def tbc(state, *args, check=True):
 
 def start(state, port, *args):
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli.main",
-            "--state-dir",
-            str(state),
-            "daemon",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--no-ice",
-            "--log-level",
-            "warning",
-            *args,
-        ],
+        daemon_argv(state, port, "--log-level", "warning", *args),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
