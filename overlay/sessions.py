@@ -545,11 +545,12 @@ class SessionService:
             if not self.direct_enabled or endpoint is None or source is None:
                 return
             path_id = peer.main_paths.get(source)
-            if path_id is None:
+            if path_id is None or path_id not in peer.paths:
+                # Roaming (a new source address), or a source whose path was dropped earlier
+                # (expired or dead): without re-adding it, its packets would never revive a path.
                 main = MainPath(endpoint, source)
                 path_id = peer.main_paths[source] = main.path_id
-                if path_id not in peer.paths:
-                    peer.add_path(main, alive=True)  # roaming: a new source address
+                peer.add_path(main, alive=True)
         peer.on_plaintext(plaintext, path_id, now)
 
     # --- handshakes ----------------------------------------------------------------------------
