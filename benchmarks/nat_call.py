@@ -58,7 +58,7 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
     result = {
         "path": call["path"],
         "duration_s": call["duration_s"],
-        "loss_measured": stats["loss"],
+        "loss_measured": stats["call_loss"],
         "frozen_s": stats["frozen"],
         "frozen_s_per_minute": round(stats["frozen"] / minutes, 2),
         "freezes": stats["freezes"],

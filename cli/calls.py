@@ -459,7 +459,8 @@ def _stats_table(info: dict[str, Any]) -> Any:
         ("codec", f"{info.get('codec')}  send {s.get('send_size')}  recv {s.get('recv_size')}"),
         (
             "rtt / loss / jitter",
-            f"{s.get('rtt_ms', 0)} ms / {100 * s.get('loss', 0):.1f} % / "
+            f"{s.get('rtt_ms', 0)} ms / {100 * s.get('loss', 0):.1f} % "
+            f"(call {100 * s.get('call_loss', 0):.1f} %) / "
             f"{s.get('jitter_ms', 0)} ms",
         ),
         (

@@ -861,6 +861,7 @@ class MediaPipeline:
         s = self.stats
         s.rtt = self.rc.srtt if self.rc.srtt is not None else self.session.rtt
         s.loss = self.rc.loss
+        s.call_loss = self.rc.call_loss
         s.jitter = self.abuf.jitter
         s.target_bitrate = self.rc.target_bitrate
         s.set_path(self.session.path_kind)

@@ -341,6 +341,10 @@ class RateController:
         self.srtt: float | None = None
         self.feedbacks = 0
         self.path_resets = 0
+        # Over the whole call, across path resets: what the end-of-call report states as loss
+        # (the windowed `loss` is what the controller acts on, and one window may see none).
+        self.packets_lost = 0
+        self.packets_reported = 0
         self._rung = 0
         self._start(start_bitrate)
 
@@ -508,6 +512,8 @@ class RateController:
         return self.delay_rate >= self._capacity - spread
 
     def _on_loss(self, lost: int, received: int, now: float) -> None:
+        self.packets_lost += lost
+        self.packets_reported += lost + received
         if self._loss_since is None:
             self._loss_since = now
         self._loss_lost += lost
@@ -538,6 +544,11 @@ class RateController:
         self.loss_rate = max(self.min_bitrate, min(self.max_bitrate, self.loss_rate))
         self._loss_lost = self._loss_total = 0
         self._loss_since = now
+
+    @property
+    def call_loss(self) -> float:
+        """Fraction of packets lost over the whole call, as feedback reported them."""
+        return self.packets_lost / self.packets_reported if self.packets_reported else 0.0
 
     def next_timeout(self) -> float | None:
         """When to call handle_timeout: the moment feedback would be overdue."""

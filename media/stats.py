@@ -51,7 +51,8 @@ class CallStats:
         self.codec = codec
         self.path = path  # "direct" / "relay" / ...
         self.rtt: float | None = None
-        self.loss = 0.0  # fraction, as the sender's rate controller measured it
+        self.loss = 0.0  # fraction in the last window, as the sender's rate controller measured it
+        self.call_loss = 0.0  # fraction over the whole call so far
         self.jitter = 0.0  # seconds, audio jitter buffer's estimate
         self.target_bitrate = 0
         self.counters: dict[str, int] = {}
@@ -128,6 +129,7 @@ class CallStats:
             if self.rtt is None
             else round(self.rtt * 1000, 1),  # report wants numbers
             "loss": round(self.loss, 4),
+            "call_loss": round(self.call_loss, 4),
             "jitter_ms": round(self.jitter * 1000, 1),
             "target_bitrate": self.target_bitrate,
             "bitrate_sent": round(self._sent.per_second(now)),

@@ -193,6 +193,20 @@ def test_heavy_random_loss_pulls_the_rate_down_and_low_loss_lets_it_rise() -> No
     assert window(trace, 55, 60)[-1] > 1_000_000, trace
 
 
+def test_call_loss_counts_every_window_and_survives_a_path_reset() -> None:
+    """The end-of-call figure: a last window without loss must not report a lossless call."""
+    rc = RateController(start_bitrate=1_000_000)
+    net = Bottleneck(rc, capacity=10_000_000, loss=0.10, seed=3)
+    net.run(10.0)
+    lossy = rc.call_loss
+    assert 0.07 < lossy < 0.13, (rc.packets_lost, rc.packets_reported)
+    rc.reset_for_new_path(net.now)
+    net.loss = 0.0
+    net.run(12.0)
+    assert rc.loss == 0.0  # the windowed figure forgot the loss
+    assert 0.6 * lossy < rc.call_loss < lossy  # diluted by the lossless seconds, not reset
+
+
 def test_ten_percent_random_loss_is_not_taken_for_congestion() -> None:
     """Loss that stays whatever the rate (a lossy link, not a full queue) must not ratchet the
     rate down: windows above GCC's 10 % come half the time at 10 % loss, and cutting on each

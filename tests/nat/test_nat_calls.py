@@ -59,7 +59,7 @@ def test_direct_call_through_lossy_delayed_links(netbed, tmp_path):
     stats, counters = call["stats"], call["stats"]["counters"]
     assert call["end_reason"] == "hung up", call
     assert call["path"] == "direct"
-    assert stats["loss"] > 0.02, stats  # the links really lost packets
+    assert stats["call_loss"] > 0.02, stats  # the links really lost packets
     assert counters["nack_recovered"] > 0, counters
     # Audio never stopped: every 20 ms of the far end's audio was played, whether it arrived,
     # was recovered by NACK, or (too late) was concealed by PLC.
