@@ -105,9 +105,10 @@ def _daemon(state: str, port: int, bootstrap: int | None, role: str, q: Any, ext
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             if node.sessions.relay is not None:
-                # Measure capacity, not the per-pair policy limits.
-                node.sessions.relay.pair_packets_per_second = 1e9
-                node.sessions.relay.pair_bytes_per_second = 1e12
+                # Measure capacity, not the policy limits per pair and in total.
+                relay = node.sessions.relay
+                relay.pair_packets_per_second = relay.total_packets_per_second = 1e9
+                relay.pair_bytes_per_second = relay.total_bytes_per_second = 1e12
             q.put(("up", role, node.identity.public_key))
             if role == "receiver":
                 counts: list[float] = []

@@ -147,6 +147,14 @@ def id_command(ctx: click.Context, import_words: bool, show_words: bool, as_json
 )
 @click.option("--relay", is_flag=True, help="Also serve as a blind relay for others' sessions.")
 @click.option(
+    "--relay-mbit",
+    type=click.FloatRange(min=0.1),
+    default=100.0,
+    show_default=True,
+    metavar="MBIT",
+    help="With --relay: most Mbit/s forwarded for all pairs together (each pair gets 8).",
+)
+@click.option(
     "--ice/--no-ice",
     default=True,
     show_default=True,
@@ -187,6 +195,7 @@ def daemon(
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
     relay: bool,
+    relay_mbit: float,
     ice: bool,
     direct: bool,
     stun: str | None,
@@ -227,6 +236,7 @@ def daemon(
             listen=listen_addrs,
             bootstrap=boot,
             relay=relay,
+            relay_mbit=relay_mbit,
             ice=ice,
             direct=direct,
             stun=stun_addr,
@@ -271,7 +281,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"peers         {info['peers']}    records held {info['records_stored']}")
     click.echo(f"relay         {'yes' if info['relay'] else 'no'}    uptime {info['uptime_s']} s")
     if info["relay"]:
-        click.echo(f"relaying      {info['relay_pairs']} pairs")
+        stats = info.get("relay_stats", {})
+        click.echo(
+            f"relaying      {info['relay_pairs']} pairs, "
+            f"{stats.get('forwarded_packets', 0)} packets forwarded, "
+            f"{stats.get('dropped_rate', 0)} over the limits "
+            f"({info.get('relay_mbit', 0):g} Mbit/s in total)"
+        )
     sessions = info.get("sessions", [])
     click.echo(f"sessions      {len(sessions)}")
     for s in sessions:

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class NodeOptions:
     listen: list[Address] = field(default_factory=lambda: [("0.0.0.0", DEFAULT_PORT)])
     bootstrap: list[Address] = field(default_factory=list)
     relay: bool = False
+    relay_mbit: float = 100.0  # all relayed pairs together
     # ICE through aioice; off for loopback-only use (aioice gathers every interface address).
     ice: bool = True
     # Direct paths on the daemon socket; off forces relays (tests, demos, privacy of one's IP).
@@ -115,6 +116,8 @@ class Node:
             turn_username=options.turn_username,
             turn_password=options.turn_password,
         )
+        if self.sessions.relay is not None:
+            self.sessions.relay.limit_total_mbit(options.relay_mbit)
         self._register_methods()
 
     def _now(self) -> float:
@@ -360,6 +363,8 @@ class Node:
             "uptime_s": round(time.time() - self.started, 1),
             "sessions": self.sessions.sessions(),
             "relay_pairs": self.sessions.relay.pair_count if self.sessions.relay else 0,
+            "relay_mbit": self.options.relay_mbit if self.sessions.relay else 0,
+            "relay_stats": asdict(self.sessions.relay.stats) if self.sessions.relay else {},
             "pid": os.getpid(),
             "dht": {
                 "received": self.dht.stats.received,

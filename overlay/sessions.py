@@ -90,6 +90,7 @@ HINTS = 3
 ANNOUNCE_INTERVAL = 20.0
 _PROBE = struct.Struct("!Bd8s")
 _RECEIVER_INDEX = struct.Struct("!I")  # at offset 1 of a transport packet
+_RELAY_DATA = int(relay_mod.Kind.DATA)  # a plain int: enum member lookups per packet add up
 _APP_PREFIX = bytes([APP_DATA])
 
 
@@ -494,7 +495,7 @@ class SessionService:
                     endpoint.send(source, out)
             return
         if self.relay is not None:
-            if data[0] == relay_mod.Kind.DATA:
+            if data[0] == _RELAY_DATA:
                 other = self.relay.forward(data, source, self.now())
                 if other is not None:
                     endpoint.send(other, data)

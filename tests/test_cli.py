@@ -115,3 +115,16 @@ def test_sigterm_saves_the_routing_table(three):
     saved = json.loads((root / "b" / "routing.json").read_text())
     assert saved and len(saved[0]["public_key"]) == 64
     assert not (root / "b" / "control.sock").exists()
+
+
+def test_relay_daemon_states_its_limit_and_counters(tmp_path):
+    proc = start(tmp_path, free_udp_port(), "--relay", "--relay-mbit", "5")
+    try:
+        info = wait_for(tmp_path, 0)
+        assert info["relay"] is True and info["relay_mbit"] == 5
+        assert info["relay_stats"]["forwarded_packets"] == 0
+        shown = tbc(tmp_path, "status").stdout
+        assert "0 pairs, 0 packets forwarded, 0 over the limits (5 Mbit/s in total)" in shown
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)

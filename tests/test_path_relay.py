@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.path import relay as r
 from overlay.path.errors import LocalPathError, RelayParseError
 
+MAX = r.MAX_DATA_SIZE
 RELAY = ("203.0.113.30", 7000)
 ALICE = ("203.0.113.10", 40001)
 BOB = ("203.0.113.20", 40002)
@@ -133,6 +135,37 @@ def test_byte_limit_per_pair() -> None:
     big = alice.wrap(bytes(400))
     forwarded = sum(len(server.receive(big, ALICE, 200.0)) for _ in range(5))
     assert forwarded == 2  # 2 x 417 bytes fit in 1000
+
+
+def test_total_limit_spans_pairs_and_refunds_the_pair() -> None:
+    server, alice, _ = joined_pair(
+        pair_packets_per_second=1e9, pair_bytes_per_second=1e12, total_packets_per_second=6.0
+    )
+    carol = r.RelayClient(bytes(32), 0, RELAY)
+    dave = r.RelayClient(bytes(32), 1, RELAY)
+    carol_addr, dave_addr = ("203.0.113.40", 1), ("203.0.113.41", 2)
+    deliver(server, carol, carol.start(200.0), carol_addr, 200.0)
+    deliver(server, dave, dave.start(200.0), dave_addr, 200.0)
+    first = sum(len(server.receive(alice.wrap(b"p"), ALICE, 200.0)) for _ in range(4))
+    second = sum(len(server.receive(carol.wrap(b"p"), carol_addr, 200.0)) for _ in range(4))
+    assert (first, second) == (4, 2)  # six for the whole relay, whichever pair asks
+    assert server.stats.dropped_rate == 2
+    pair = server._pairs[carol.pair_id]
+    assert pair.budget.packets == pytest.approx(1e9 - 2)  # refused packets cost the pair nothing
+
+
+@given(st.lists(st.tuples(st.floats(0.0, 2.0), st.integers(17, MAX)), min_size=1, max_size=60))
+def test_budget_never_allows_more_than_rate_times_time_plus_burst(steps) -> None:
+    budget = r.Budget(packet_rate=5.0, byte_rate=4000.0, now=0.0)
+    now, packets, sent_bytes = 0.0, 0, 0
+    for gap, size in steps:
+        now += gap
+        if budget.allow(now, size):
+            packets += 1
+            sent_bytes += size
+        assert packets <= 5.0 * (1 + now)
+        assert sent_bytes <= 4000.0 * (1 + now)
+        assert 0 <= budget.packets <= 5.0 and 0 <= budget.bytes <= 4000.0
 
 
 def test_max_pairs_and_per_ip_limit() -> None:

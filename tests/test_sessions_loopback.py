@@ -93,6 +93,8 @@ async def test_forced_relay_session_and_failover_to_the_second_relay(tmp_path):
         assert trio.current_time() - lost_at < 3.0
         assert peer.selector.active != active
         assert peer.path_kind == "relayed"
+        alive = next(r for r in relays if r is not dead)
+        assert alive.info()["relay_stats"]["forwarded_packets"] > 0
         nursery.cancel_scope.cancel()
 
 

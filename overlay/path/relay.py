@@ -23,8 +23,9 @@ slot there (roaming); a third party can neither inject into a pair (DATA is only
 bound member address) nor take a slot (needs that member's signing key).
 
 Data: `DATA(pair_id, payload)` from a bound member is forwarded unchanged to the other member's
-bound address: same size, to an address that proved it is reachable. Per-pair token buckets
-(packets/s and bytes/s), a total pair limit, a per-IP pair limit and idle expiry bound the cost.
+bound address: same size, to an address that proved it is reachable. Per-pair and relay-wide
+token buckets (packets/s and bytes/s), a total pair limit, a per-IP pair limit and idle expiry
+bound the cost.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import nacl.exceptions
 import nacl.signing
 
 from overlay.path.errors import LocalPathError, RelayParseError
-from overlay.ratelimit import TokenBucket
 
 Address = tuple[str, int]
 
@@ -92,6 +92,9 @@ DEFAULT_MAX_PAIRS_PER_IP = 8
 # ~8 Mbit/s and 1000 packets/s (1200-byte packets), bursting one second's worth.
 DEFAULT_PAIR_PACKETS_PER_SECOND = 1000.0
 DEFAULT_PAIR_BYTES_PER_SECOND = 1_000_000.0
+# All pairs together: 100 Mbit/s out of a small VPS's uplink, whatever the number of pairs.
+DEFAULT_TOTAL_PACKETS_PER_SECOND = 20_000.0
+DEFAULT_TOTAL_BYTES_PER_SECOND = 12_500_000.0
 # Client: JOIN is retried on this period until JOINED, up to JOIN_ATTEMPTS times (~10 s total).
 JOIN_RETRY_SECONDS = 1.0
 JOIN_ATTEMPTS = 10
@@ -244,14 +247,51 @@ def pair_id_for(pk0: bytes, pk1: bytes) -> bytes:
 # --- server -----------------------------------------------------------------------------------
 
 
+class Budget:
+    """Two token buckets, packets/s and bytes/s, each bursting one second's worth, refilled
+    together: the relay's DATA path checks one of these per pair and one for the whole relay, and
+    two separate buckets per check cost a third of the forwarding time."""
+
+    __slots__ = ("byte_rate", "bytes", "packet_rate", "packets", "stamp")
+
+    def __init__(self, packet_rate: float, byte_rate: float, now: float) -> None:
+        self.packet_rate = packet_rate
+        self.byte_rate = byte_rate
+        self.packets = packet_rate
+        self.bytes = byte_rate
+        self.stamp = now
+
+    def allow(self, now: float, size: int) -> bool:
+        """Spend one packet and `size` bytes if both are there; spend nothing otherwise."""
+        elapsed = now - self.stamp
+        self.stamp = now
+        packets = self.packets + elapsed * self.packet_rate
+        if packets > self.packet_rate:
+            packets = self.packet_rate
+        bytes_ = self.bytes + elapsed * self.byte_rate
+        if bytes_ > self.byte_rate:
+            bytes_ = self.byte_rate
+        if packets < 1.0 or bytes_ < size:
+            self.packets = packets
+            self.bytes = bytes_
+            return False
+        self.packets = packets - 1.0
+        self.bytes = bytes_ - size
+        return True
+
+    def refund(self, size: int) -> None:
+        """Give back what `allow` took (a later check refused the packet)."""
+        self.packets += 1.0
+        self.bytes += size
+
+
 @dataclass(slots=True)
 class _Pair:
     public_keys: tuple[bytes, bytes]
     owner_ip: str
     members: list[Address | None]
     last_seq: list[int]
-    packets: TokenBucket
-    bytes_: TokenBucket
+    budget: Budget
     last_active: float
 
 
@@ -294,11 +334,21 @@ class RelayServer:
     max_pairs_per_ip: int = DEFAULT_MAX_PAIRS_PER_IP
     pair_packets_per_second: float = DEFAULT_PAIR_PACKETS_PER_SECOND
     pair_bytes_per_second: float = DEFAULT_PAIR_BYTES_PER_SECOND
+    total_packets_per_second: float = DEFAULT_TOTAL_PACKETS_PER_SECOND
+    total_bytes_per_second: float = DEFAULT_TOTAL_BYTES_PER_SECOND
     idle_timeout: float = IDLE_TIMEOUT
     stats: RelayStats = field(default_factory=RelayStats)
+    _total: Budget | None = None  # made on first use, so its clock is the caller's
     # pair_id -> pair, oldest activity first (so expiry only looks at the front).
     _pairs: OrderedDict[bytes, _Pair] = field(default_factory=OrderedDict)
     _pairs_per_ip: dict[str, int] = field(default_factory=dict)
+
+    def limit_total_mbit(self, mbit: float) -> None:
+        """The operator's total: `mbit` Mbit/s and, for packets averaging 625 bytes, as many
+        packets (small packets cost a relay per packet, not per byte)."""
+        self.total_bytes_per_second = mbit * 125_000
+        self.total_packets_per_second = mbit * 200
+        self._total = None
 
     @property
     def pair_count(self) -> int:
@@ -332,7 +382,8 @@ class RelayServer:
         if isinstance(message, Join):
             return self._on_join(message, source, now)
         if isinstance(message, Data):
-            return self._on_data(message, len(data), data, source, now)
+            other = self.forward(data, source, now)
+            return [] if other is None else [Outgoing(data, other)]
         if isinstance(message, Keepalive):
             pair = self._pairs.get(message.pair_id)
             if pair is not None and source in pair.members:
@@ -376,10 +427,7 @@ class RelayServer:
                 owner_ip=source[0],
                 members=[None, None],
                 last_seq=[-1, -1],
-                packets=TokenBucket(
-                    self.pair_packets_per_second, self.pair_packets_per_second, now
-                ),
-                bytes_=TokenBucket(self.pair_bytes_per_second, self.pair_bytes_per_second, now),
+                budget=Budget(self.pair_packets_per_second, self.pair_bytes_per_second, now),
                 last_active=now,
             )
             self._pairs[join.pair_id] = pair
@@ -406,34 +454,39 @@ class RelayServer:
         if size < _DATA_HEADER.size or size > MAX_DATA_SIZE:
             self.stats.dropped_malformed += 1
             return None
-        return self._forward_to(data[1 : 1 + PAIR_ID_SIZE], size, source, now)
-
-    def _on_data(
-        self, message: Data, size: int, raw: bytes, source: Address, now: float
-    ) -> list[Outgoing]:
-        other = self._forward_to(message.pair_id, size, source, now)
-        return [] if other is None else [Outgoing(raw, other)]
-
-    def _forward_to(self, pair_id: bytes, size: int, source: Address, now: float) -> Address | None:
+        pair_id = data[1 : 1 + PAIR_ID_SIZE]
         pair = self._pairs.get(pair_id)
-        if pair is None or source not in pair.members:
+        if pair is None:
             self.stats.dropped_unknown += 1
             return None
-        self._touch(pair_id, pair, now)
-        other = pair.members[1 - pair.members.index(source)]
+        members = pair.members
+        if source == members[0]:
+            other = members[1]
+        elif source == members[1]:
+            other = members[0]
+        else:
+            self.stats.dropped_unknown += 1
+            return None
+        pair.last_active = now
+        self._pairs.move_to_end(pair_id)
         if other is None:
             self.stats.dropped_no_peer += 1
             return None
-        # Check bytes first so a refused packet does not also spend a packet token (and v.v.).
-        if not pair.bytes_.allow(now, size):
+        total = self._total
+        if total is None:
+            total = self._total = Budget(
+                self.total_packets_per_second, self.total_bytes_per_second, now
+            )
+        if not pair.budget.allow(now, size):
             self.stats.dropped_rate += 1
             return None
-        if not pair.packets.allow(now):
-            pair.bytes_.tokens += size
+        if not total.allow(now, size):
+            pair.budget.refund(size)
             self.stats.dropped_rate += 1
             return None
-        self.stats.forwarded_packets += 1
-        self.stats.forwarded_bytes += size
+        stats = self.stats
+        stats.forwarded_packets += 1
+        stats.forwarded_bytes += size
         return other
 
     def _touch(self, pair_id: bytes, pair: _Pair, now: float) -> None:
