@@ -213,7 +213,16 @@ class PeerSession:
             raise ValueError(f"datagram of {len(data)} B exceeds {MAX_APP_DATAGRAM}")
         now = self.service.now()
         self.last_app = now
-        self._send_inner(_APP_PREFIX + data, now=now)
+        # _send_inner, inlined: this is the per-packet send of every call.
+        path = self.paths.get(self.selector.active or "")
+        if path is None:
+            return
+        try:
+            packet = self.session.seal(_APP_PREFIX + data, now)
+        except SessionError:
+            self.close(notify=False)
+            return
+        path.send(packet)
 
     async def receive(self) -> bytes:
         return (await self.receive_batch(1))[0]
@@ -456,7 +465,8 @@ class SessionService:
     def attach(self, endpoint: Endpoint) -> None:
         self.endpoints.append(endpoint)
         endpoint.route([0x00, 0x01], self._on_stun)
-        endpoint.route([KIND_MSG1, KIND_MSG2, KIND_COOKIE_REPLY, KIND_TRANSPORT], self._on_session)
+        endpoint.route([KIND_MSG1, KIND_MSG2, KIND_COOKIE_REPLY], self._on_handshake)
+        endpoint.route([KIND_TRANSPORT], self._on_transport)
         endpoint.route(list(range(0xF1, 0xF6)), self._on_relay)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -486,7 +496,7 @@ class SessionService:
             for path in clients:
                 for event in path.client.receive(data, source, now):
                     if isinstance(event, relay_mod.DataEvent):
-                        self._on_transport(event.payload, path.path_id)
+                        self._on_transport(event.payload, None, None, path.path_id)
                     elif isinstance(event, relay_mod.JoinedEvent):
                         # Probe at once: the path comes alive one round trip after the second
                         # member joins, not at the next periodic probe.
@@ -503,11 +513,8 @@ class SessionService:
             for out in self.relay.receive(data, source, self.now()):
                 endpoint.send(out.addr, out.data)
 
-    def _on_session(self, data: bytes, source: Address, endpoint: Endpoint) -> None:
-        if data[0] == KIND_TRANSPORT:
-            self._on_transport(data, None, endpoint, source)
-        else:
-            self.handle_handshake_or_transport(data, _Route(endpoint, source))
+    def _on_handshake(self, data: bytes, source: Address, endpoint: Endpoint) -> None:
+        self.handle_handshake_or_transport(data, _Route(endpoint, source))
 
     def on_forwarded(self, data: bytes, via: Address, origin: Address) -> None:
         """A handshake packet that came through a hint node (DHT `Forwarded` event)."""
@@ -518,7 +525,7 @@ class SessionService:
         kind = data[0]
         if kind == KIND_TRANSPORT:
             if route.via is None:
-                self._on_transport(data, None, route.endpoint, route.address)
+                self._on_transport(data, route.address, route.endpoint)
         elif kind == KIND_MSG1:
             self._on_msg1(data, route)
         else:
@@ -527,11 +534,13 @@ class SessionService:
     def _on_transport(
         self,
         packet: bytes,
-        path_id: str | None,
-        endpoint: Endpoint | None = None,
-        source: Address | None = None,
+        source: Address | None,
+        endpoint: Endpoint | None,
+        path_id: str | None = None,
     ) -> None:
-        """The per-packet hot path: find the session by index, open, hand over."""
+        """The per-packet hot path: find the session by index, open, hand over. Its first three
+        arguments are an endpoint handler's, so the daemon socket routes transport packets here
+        without a dispatcher call in between; relay and ICE paths pass their path id."""
         if len(packet) < TRANSPORT_OVERHEAD or packet[0] != KIND_TRANSPORT:
             return
         peer = self.by_index.get(_RECEIVER_INDEX.unpack_from(packet, 1)[0])
@@ -838,7 +847,7 @@ class _IceTask:
                     batch = await nominated.socket.recv_batch()
                     for packet in batch:
                         if packet and packet[0] == KIND_TRANSPORT:
-                            self.service._on_transport(packet, path.path_id)
+                            self.service._on_transport(packet, None, None, path.path_id)
 
 
 async def guarded(fn: Callable[..., Awaitable[Any]], *args: Any) -> None:

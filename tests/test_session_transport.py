@@ -258,6 +258,24 @@ def test_hard_limits_refuse_to_send_and_to_receive(monkeypatch: pytest.MonkeyPat
 # -- the replay window against a model ------------------------------------------------------
 
 
+def test_replay_window_in_order_stream_past_the_trim_point():
+    """In-order counters (the per-packet case) grow the bitmap until it is trimmed: the window's
+    edges must hold on both sides of every trim."""
+    window = ReplayWindow()
+    for counter in range(3 * REPLAY_WINDOW + 7):
+        window.accept(counter)
+        if counter % 509 == 0 or counter > 3 * REPLAY_WINDOW:
+            for seen in (counter, counter - REPLAY_WINDOW + 1):
+                if seen >= 0:
+                    with pytest.raises(RemoteProtocolError) as info:
+                        window.check(seen)
+                    assert info.value.reason is DropReason.REPLAYED
+            if counter >= REPLAY_WINDOW:
+                with pytest.raises(RemoteProtocolError) as info:
+                    window.check(counter - REPLAY_WINDOW)
+                assert info.value.reason is DropReason.TOO_OLD
+
+
 @SETTINGS
 @given(st.lists(st.integers(0, 6000) | st.integers(0, 2**64 - 1), max_size=200))
 def test_replay_window_matches_a_simple_model(counters: list[int]):

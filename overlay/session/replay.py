@@ -12,6 +12,7 @@ from overlay.session.errors import DropReason, RemoteProtocolError
 # switch) stays far below that, and WireGuard uses the same order (8192 bits in Linux, 2048 in Go).
 REPLAY_WINDOW = 2048
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
+_TRIM_AT = 2 * REPLAY_WINDOW
 
 
 class ReplayWindow:
@@ -39,14 +40,21 @@ class ReplayWindow:
 
     def accept(self, counter: int) -> None:
         """Check and record `counter`; call only for authenticated packets."""
-        self.check(counter)
-        if counter > self._top:
-            shift = counter - self._top
+        top = self._top
+        if counter > top:
+            shift = counter - top
             # A jump past the whole window clears it; never shift by an attacker-sized amount.
             if shift >= REPLAY_WINDOW:
                 self._bitmap = 1
             else:
-                self._bitmap = ((self._bitmap << shift) | 1) & _WINDOW_MASK
+                bitmap = (self._bitmap << shift) | 1
+                # Bits past the window are never read (check() refuses those offsets first), so
+                # trimming them can wait until they double the bitmap: one big-int op, not two,
+                # on the per-packet path.
+                if bitmap.bit_length() > _TRIM_AT:
+                    bitmap &= _WINDOW_MASK
+                self._bitmap = bitmap
             self._top = counter
-        else:
-            self._bitmap |= 1 << (self._top - counter)
+            return
+        self.check(counter)
+        self._bitmap |= 1 << (top - counter)
