@@ -79,6 +79,9 @@ class Endpoint:
         self.sock = sock
         self.local: Address = normalize(sock.getsockname())
         self.family = sock.family
+        # Read for every datagram sent: plain attributes, not enum compares and bound lookups.
+        self._v6 = sock.family == socket.AF_INET6
+        self._sendto = sock.sendto
         self.handlers: dict[int, Handler] = {}
         self.stats = EndpointStats()
 
@@ -105,13 +108,14 @@ class Endpoint:
 
     def send(self, address: Address, data: bytes) -> bool:
         dest: tuple = address
-        if self.family == socket.AF_INET6 and ":" not in address[0]:
-            dest = ("::ffff:" + address[0], address[1])
-        elif self.family == socket.AF_INET and ":" in address[0]:
+        if self._v6:
+            if ":" not in address[0]:
+                dest = ("::ffff:" + address[0], address[1])
+        elif ":" in address[0]:
             self.stats.send_dropped += 1
             return False
         try:
-            self.sock.sendto(data, dest)
+            self._sendto(data, dest)
         except (BlockingIOError, InterruptedError):
             self.stats.send_dropped += 1
             return False

@@ -2,12 +2,14 @@
 
 import os
 import socket
+import time
 
+import pytest
 import trio
 
 from overlay.dht.core import DhtConfig
 from overlay.identity import Identity
-from overlay.node import Node, NodeOptions
+from overlay.node import Clock, Node, NodeOptions
 from tests.conftest import free_udp_port
 
 
@@ -126,3 +128,20 @@ async def test_ipv6_daemons_find_each_other(tmp_path):
         assert done.record.addresses == (("::1", nodes[1].endpoints[0].local[1]),)
         assert {c.address[0] for c in nodes[2].dht.table} == {"::1"}
         nursery.cancel_scope.cancel()
+
+
+async def test_clock_reads_perf_counter_on_the_system_clock_and_trio_under_a_mock():
+    """The per-packet clock: wall-anchored, equal to trio's clock plus the offset either way."""
+    clock = Clock()
+    for _ in range(3):
+        await trio.sleep(0.01)
+        assert abs(clock.now() - (trio.current_time() + clock.offset)) < 1e-3
+        assert abs(clock.now() - time.time()) < 0.05
+
+
+async def test_clock_follows_a_mock_clock(autojump_clock):
+    clock = Clock()
+    before = clock.now()
+    await trio.sleep(3600)  # jumps at once under the mock
+    assert clock.now() - before == pytest.approx(3600, abs=1e-6)
+    assert clock.to_trio(clock.now()) == pytest.approx(trio.current_time())
