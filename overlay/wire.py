@@ -125,12 +125,17 @@ def address() -> Check:
     return check
 
 
-@functools.lru_cache(maxsize=4096)
+# Both caches hold one entry per distinct peer IP seen (~200 B each, so at most ~3 MB): a daemon
+# sees a few hundred; the 10k-node simulation runs every node in one process and thrashed 4096.
+_IP_CACHE = 16384
+
+
+@functools.lru_cache(maxsize=_IP_CACHE)
 def _ip_text(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=_IP_CACHE)
 def pack_ip(ip: str) -> bytes:
     """Packed form of an IPv4 or IPv6 address string (cached: DHT replies repeat contacts)."""
     return ipaddress.ip_address(ip).packed
