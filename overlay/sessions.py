@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import struct
@@ -61,6 +62,10 @@ APP_DATA = 0x10
 MAX_APP_DATAGRAM = 1150
 # Handshake: msg1 is re-sent (freshly built) this often until msg2 arrives.
 HANDSHAKE_RETRY = 1.0
+# Unanswered for this many handshake retries: look the callee's record up again (bounded), since
+# a record fetched just before the callee re-published can lack the hints that reach it.
+RELOOKUP_EVERY = 3
+RELOOKUP_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 15.0
 # ICE may take a while on impaired links; a failing pair is given up after this (aioice itself
 # would take ~63 s).
@@ -648,6 +653,13 @@ class SessionService:
                 record = await self.lookup(public_key)
             if record is None:
                 raise ConnectError(f"nobody with key {public_key.hex()} is in the network")
+            log.info(
+                "connecting to %s: record seq %d, %d addresses, %d hints",
+                public_key.hex()[:12],
+                record.seq,
+                len(record.addresses),
+                len(record.relays),
+            )
             ice_task = None
             local_ice = None
             if self.ice_enabled and not _loopback_only(record):
@@ -658,7 +670,7 @@ class SessionService:
             send, receive = trio.open_memory_channel[tuple[Established, _Route]](1)
             indexes: list[int] = []
             try:
-                while True:
+                for attempt in itertools.count(1):
                     initiator = Initiator(
                         self.identity, public_key, payload, self.now(), timestamp_ns=time.time_ns()
                     )
@@ -668,6 +680,8 @@ class SessionService:
                     with trio.move_on_after(HANDSHAKE_RETRY):
                         established, route = await receive.receive()
                         break
+                    if attempt % RELOOKUP_EVERY == 0:
+                        record = await self._fresher_record(record)
             finally:
                 for index in indexes:
                     self.pending.pop(index, None)
@@ -687,6 +701,17 @@ class SessionService:
             while not peer.selector.any_alive(self.now()) and not peer.closed:
                 await trio.sleep(0.02)
         return peer
+
+    async def _fresher_record(self, record: PeerRecord) -> PeerRecord:
+        """The callee's record again, if the network has a newer one: it may have re-published
+        with hints or addresses that our copy lacks (a callee that just started or moved)."""
+        assert self.lookup is not None
+        with trio.move_on_after(RELOOKUP_TIMEOUT):
+            fresh = await self.lookup(record.public_key)
+            if fresh is not None and fresh.seq > record.seq:
+                log.info("callee's record moved on (seq %d -> %d)", record.seq, fresh.seq)
+                return fresh
+        return record
 
     def _send_msg1(self, record: PeerRecord, message: bytes) -> None:
         now = self.now()

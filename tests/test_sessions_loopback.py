@@ -1,6 +1,7 @@
 """Sessions between real daemons on 127.0.0.1: direct, forced through relays, relay failover."""
 
 import contextlib
+import dataclasses
 import os
 import socket
 
@@ -95,6 +96,33 @@ async def test_forced_relay_session_and_failover_to_the_second_relay(tmp_path):
         assert peer.path_kind == "relayed"
         alive = next(r for r in relays if r is not dead)
         assert alive.info()["relay_stats"]["forwarded_packets"] > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_connect_looks_again_when_a_stale_record_gets_no_answer(tmp_path):
+    """A record fetched before the callee re-published (here: one without its hints, the only
+    way to reach a callee that hides its address) is looked up again instead of failing."""
+    async with trio.open_nursery() as nursery:
+        _, a, b = await network(nursery, tmp_path, relays=1, direct=False)
+        b.sessions.incoming = lambda peer: nursery.start_soon(echo, peer, [])
+        real = a.sessions.lookup
+        found = []
+
+        async def stale_first(key):
+            record = await real(key)
+            found.append(record)
+            if len(found) == 1:
+                return dataclasses.replace(record, addresses=(), relays=(), seq=record.seq - 1)
+            return record
+
+        a.sessions.lookup = stale_first
+        with trio.fail_after(10):
+            peer = await a.sessions.connect(b.identity.public_key)
+        assert len(found) >= 2 and found[0].relays
+        assert peer.path_kind == "relayed"
+        peer.send(b"reached")
+        with trio.fail_after(5):
+            assert await peer.receive() == b"REACHED"
         nursery.cancel_scope.cancel()
 
 
