@@ -22,7 +22,7 @@ import trio.testing
 
 from media.callstate import CallParams
 from media.pipeline import MediaOptions, MediaPipeline, open_sources
-from tests.media_link import FakeSession, pump
+from tests.media_link import FakeSession, start_virtual_call
 
 WIDTH, HEIGHT, FPS, CODEC = 640, 480, 30, "vp8"
 DRAIN = 1.0
@@ -99,14 +99,7 @@ async def _call(
                 fps_samples[i].append(p.rc.quality.fps if p._ladder_active else FPS)
 
     async with trio.open_nursery() as nursery:
-        for s, p in zip((a, b), pipes, strict=True):
-            nursery.start_soon(p.run)
-            nursery.start_soon(pump, s, p)
-        # The encoders open in worker threads: hold virtual time still until they are up (an
-        # autojump would otherwise skip the whole call while the threads work).
-        while any(p._video_enc is None or p._audio_enc is None for p in pipes):
-            await trio.sleep(0)
-        clock.autojump_threshold = 0
+        await start_virtual_call(nursery, (a, b), pipes, clock)
         nursery.start_soon(sample_fps)
         await trio.sleep(seconds)
         snaps = [p.snapshot() for p in pipes]

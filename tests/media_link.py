@@ -9,6 +9,7 @@ import math
 import random
 
 import trio
+import trio.testing
 
 from media.pipeline import MediaPipeline
 from media.session_api import MAX_SESSION_DATAGRAM, SessionClosed
@@ -104,3 +105,20 @@ async def pump(session: FakeSession, pipeline: MediaPipeline) -> None:
             pipeline.handle_datagram(data, trio.current_time())
     except SessionClosed:
         pass
+
+
+async def start_virtual_call(
+    nursery: trio.Nursery,
+    sessions: tuple[FakeSession, FakeSession],
+    pipes: list[MediaPipeline],
+    clock: trio.testing.MockClock,
+) -> None:
+    """Start both pipelines and their pumps under a MockClock, then let virtual time run. The
+    encoders open in worker threads: time is held still until they are up (an autojump would
+    otherwise skip the whole call while the threads work)."""
+    for s, p in zip(sessions, pipes, strict=True):
+        nursery.start_soon(p.run)
+        nursery.start_soon(pump, s, p)
+    while any(p._video_enc is None or p._audio_enc is None for p in pipes):
+        await trio.sleep(0)
+    clock.autojump_threshold = 0
