@@ -107,8 +107,9 @@ def _daemon(state: str, port: int, bootstrap: int | None, role: str, q: Any, ext
             if node.sessions.relay is not None:
                 # Measure capacity, not the policy limits per pair and in total.
                 relay = node.sessions.relay
-                relay.pair_packets_per_second = relay.total_packets_per_second = 1e9
-                relay.pair_bytes_per_second = relay.total_bytes_per_second = 1e12
+                relay.pair_packets_per_second = 1e9
+                relay.pair_bytes_per_second = 1e12
+                relay.limit_total_mbit(1e6)
             q.put(("up", role, node.identity.public_key))
             if role == "receiver":
                 counts: list[float] = []

@@ -15,6 +15,7 @@ import platformdirs
 from cli.client import ClientError, call
 from overlay import identity as ident
 from overlay.endpoint import parse_hostport
+from overlay.path.relay import DEFAULT_TOTAL_MBIT
 
 STATE_ENV = "THREEBC_STATE_DIR"
 
@@ -149,7 +150,7 @@ def id_command(ctx: click.Context, import_words: bool, show_words: bool, as_json
 @click.option(
     "--relay-mbit",
     type=click.FloatRange(min=0.1),
-    default=100.0,
+    default=DEFAULT_TOTAL_MBIT,
     show_default=True,
     metavar="MBIT",
     help="With --relay: most Mbit/s forwarded for all pairs together (each pair gets 8).",

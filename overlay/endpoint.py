@@ -137,7 +137,7 @@ class Endpoint:
 
     async def serve(self) -> None:
         sock = self.sock
-        v4 = self.family == socket.AF_INET  # IPv4 sockets already give plain (host, port)
+        v4 = not self._v6  # IPv4 sockets already give plain (host, port)
         got = 0
         while True:
             # Only an empty socket waits for epoll: a busy one is read again after the other

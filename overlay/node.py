@@ -34,6 +34,7 @@ from overlay.dht.record import PeerRecord, format_address
 from overlay.endpoint import Endpoint
 from overlay.events import EventBus
 from overlay.identity import Identity, IdentityError, parse_public_key, safety_words
+from overlay.path.relay import DEFAULT_TOTAL_MBIT
 from overlay.sessions import ANNOUNCE_INTERVAL, HINTS, ConnectError, SessionService, guarded
 from overlay.wire import Address
 
@@ -79,7 +80,7 @@ class NodeOptions:
     listen: list[Address] = field(default_factory=lambda: [("0.0.0.0", DEFAULT_PORT)])
     bootstrap: list[Address] = field(default_factory=list)
     relay: bool = False
-    relay_mbit: float = 100.0  # all relayed pairs together
+    relay_mbit: float = DEFAULT_TOTAL_MBIT  # all relayed pairs together
     # ICE through aioice; off for loopback-only use (aioice gathers every interface address).
     ice: bool = True
     # Direct paths on the daemon socket; off forces relays (tests, demos, privacy of one's IP).

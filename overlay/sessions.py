@@ -218,16 +218,7 @@ class PeerSession:
             raise ValueError(f"datagram of {len(data)} B exceeds {MAX_APP_DATAGRAM}")
         now = self.service.now()
         self.last_app = now
-        # _send_inner, inlined: this is the per-packet send of every call.
-        path = self.paths.get(self.selector.active or "")
-        if path is None:
-            return
-        try:
-            packet = self.session.seal(_APP_PREFIX + data, now)
-        except SessionError:
-            self.close(notify=False)
-            return
-        path.send(packet)
+        self._send_inner(_APP_PREFIX + data, now=now)
 
     async def receive(self) -> bytes:
         return (await self.receive_batch(1))[0]

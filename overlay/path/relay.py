@@ -44,6 +44,7 @@ import nacl.exceptions
 import nacl.signing
 
 from overlay.path.errors import LocalPathError, RelayParseError
+from overlay.ratelimit import Budget
 
 Address = tuple[str, int]
 
@@ -92,9 +93,9 @@ DEFAULT_MAX_PAIRS_PER_IP = 8
 # ~8 Mbit/s and 1000 packets/s (1200-byte packets), bursting one second's worth.
 DEFAULT_PAIR_PACKETS_PER_SECOND = 1000.0
 DEFAULT_PAIR_BYTES_PER_SECOND = 1_000_000.0
-# All pairs together: 100 Mbit/s out of a small VPS's uplink, whatever the number of pairs.
-DEFAULT_TOTAL_PACKETS_PER_SECOND = 20_000.0
-DEFAULT_TOTAL_BYTES_PER_SECOND = 12_500_000.0
+# All pairs together: 100 Mbit/s out of a small VPS's uplink, whatever the number of pairs
+# (`3bc daemon --relay-mbit`).
+DEFAULT_TOTAL_MBIT = 100.0
 # Client: JOIN is retried on this period until JOINED, up to JOIN_ATTEMPTS times (~10 s total).
 JOIN_RETRY_SECONDS = 1.0
 JOIN_ATTEMPTS = 10
@@ -247,44 +248,6 @@ def pair_id_for(pk0: bytes, pk1: bytes) -> bytes:
 # --- server -----------------------------------------------------------------------------------
 
 
-class Budget:
-    """Two token buckets, packets/s and bytes/s, each bursting one second's worth, refilled
-    together: the relay's DATA path checks one of these per pair and one for the whole relay, and
-    two separate buckets per check cost a third of the forwarding time."""
-
-    __slots__ = ("byte_rate", "bytes", "packet_rate", "packets", "stamp")
-
-    def __init__(self, packet_rate: float, byte_rate: float, now: float) -> None:
-        self.packet_rate = packet_rate
-        self.byte_rate = byte_rate
-        self.packets = packet_rate
-        self.bytes = byte_rate
-        self.stamp = now
-
-    def allow(self, now: float, size: int) -> bool:
-        """Spend one packet and `size` bytes if both are there; spend nothing otherwise."""
-        elapsed = now - self.stamp
-        self.stamp = now
-        packets = self.packets + elapsed * self.packet_rate
-        if packets > self.packet_rate:
-            packets = self.packet_rate
-        bytes_ = self.bytes + elapsed * self.byte_rate
-        if bytes_ > self.byte_rate:
-            bytes_ = self.byte_rate
-        if packets < 1.0 or bytes_ < size:
-            self.packets = packets
-            self.bytes = bytes_
-            return False
-        self.packets = packets - 1.0
-        self.bytes = bytes_ - size
-        return True
-
-    def refund(self, size: int) -> None:
-        """Give back what `allow` took (a later check refused the packet)."""
-        self.packets += 1.0
-        self.bytes += size
-
-
 @dataclass(slots=True)
 class _Pair:
     public_keys: tuple[bytes, bytes]
@@ -334,21 +297,23 @@ class RelayServer:
     max_pairs_per_ip: int = DEFAULT_MAX_PAIRS_PER_IP
     pair_packets_per_second: float = DEFAULT_PAIR_PACKETS_PER_SECOND
     pair_bytes_per_second: float = DEFAULT_PAIR_BYTES_PER_SECOND
-    total_packets_per_second: float = DEFAULT_TOTAL_PACKETS_PER_SECOND
-    total_bytes_per_second: float = DEFAULT_TOTAL_BYTES_PER_SECOND
+    total_mbit: float = DEFAULT_TOTAL_MBIT
     idle_timeout: float = IDLE_TIMEOUT
     stats: RelayStats = field(default_factory=RelayStats)
-    _total: Budget | None = None  # made on first use, so its clock is the caller's
+    _total: Budget = field(init=False)
     # pair_id -> pair, oldest activity first (so expiry only looks at the front).
     _pairs: OrderedDict[bytes, _Pair] = field(default_factory=OrderedDict)
     _pairs_per_ip: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.limit_total_mbit(self.total_mbit)
+
     def limit_total_mbit(self, mbit: float) -> None:
         """The operator's total: `mbit` Mbit/s and, for packets averaging 625 bytes, as many
-        packets (small packets cost a relay per packet, not per byte)."""
-        self.total_bytes_per_second = mbit * 125_000
-        self.total_packets_per_second = mbit * 200
-        self._total = None
+        packets (small packets cost a relay per packet, not per byte). Starts full: a budget
+        stamped at time 0 refills to its cap on the first packet."""
+        self.total_mbit = mbit
+        self._total = Budget(packet_rate=mbit * 200, byte_rate=mbit * 125_000, now=0.0)
 
     @property
     def pair_count(self) -> int:
@@ -467,20 +432,14 @@ class RelayServer:
         else:
             self.stats.dropped_unknown += 1
             return None
-        pair.last_active = now
-        self._pairs.move_to_end(pair_id)
+        self._touch(pair_id, pair, now)
         if other is None:
             self.stats.dropped_no_peer += 1
             return None
-        total = self._total
-        if total is None:
-            total = self._total = Budget(
-                self.total_packets_per_second, self.total_bytes_per_second, now
-            )
         if not pair.budget.allow(now, size):
             self.stats.dropped_rate += 1
             return None
-        if not total.allow(now, size):
+        if not self._total.allow(now, size):
             pair.budget.refund(size)
             self.stats.dropped_rate += 1
             return None
