@@ -62,6 +62,11 @@ RTX_SUPPRESS_RTTS = 0.75
 KEYFRAME_MIN_INTERVAL = 0.100
 
 
+def copies_for(loss: float) -> int:
+    """How many copies of a NACK or a retransmission to send at this loss (DUPLICATE_LOSS)."""
+    return 2 if loss >= DUPLICATE_LOSS else 1
+
+
 @dataclass(slots=True)
 class _Missing:
     detected: float
@@ -95,7 +100,7 @@ class NackGenerator:
     @property
     def copies(self) -> int:
         """How many copies of each NACK to send (see DUPLICATE_LOSS)."""
-        return 2 if self.loss >= DUPLICATE_LOSS else 1
+        return copies_for(self.loss)
 
     def set_rtt(self, rtt: float) -> None:
         self.rtt = rtt
@@ -198,7 +203,7 @@ class RetransmissionBuffer:
     ) -> list[MediaPacket]:
         """The packets to send again, flagged RETRANSMIT (give each a fresh transport seq);
         twice each when the path loses `loss` ≥ DUPLICATE_LOSS of its packets."""
-        copies = 2 if loss >= DUPLICATE_LOSS else 1
+        copies = copies_for(loss)
         self._expire(now)
         out = []
         for seq in dict.fromkeys(nack.seqs):
