@@ -510,19 +510,17 @@ class SessionService:
                 endpoint.send(out.addr, out.data)
 
     def _on_handshake(self, data: bytes, source: Address, endpoint: Endpoint) -> None:
-        self.handle_handshake_or_transport(data, _Route(endpoint, source))
+        self._handshake(data, _Route(endpoint, source))
 
     def on_forwarded(self, data: bytes, via: Address, origin: Address) -> None:
         """A handshake packet that came through a hint node (DHT `Forwarded` event)."""
         if data and data[0] in (KIND_MSG1, KIND_MSG2, KIND_COOKIE_REPLY):
-            self.handle_handshake_or_transport(data, _Route(self.endpoints[0], origin, via))
+            self._handshake(data, _Route(self.endpoints[0], origin, via))
 
-    def handle_handshake_or_transport(self, data: bytes, route: _Route) -> None:
-        kind = data[0]
-        if kind == KIND_TRANSPORT:
-            if route.via is None:
-                self._on_transport(data, route.address, route.endpoint)
-        elif kind == KIND_MSG1:
+    def _handshake(self, data: bytes, route: _Route) -> None:
+        """MSG1 starts a responder; MSG2 and cookie replies go to the initiator waiting for them
+        (transport packets never come here: the endpoint routes them to `_on_transport`)."""
+        if data[0] == KIND_MSG1:
             self._on_msg1(data, route)
         else:
             self._on_msg2(data, route)
