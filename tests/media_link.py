@@ -89,10 +89,10 @@ KEY_B = Identity(bytes([2]) * 32).public_key
 
 
 def session_pair(seed: int = 1, **link: float) -> tuple[FakeSession, FakeSession]:
-    """Two connected ends: `a` (whose peer is B) and `b` (whose peer is A)."""
-    rng = random.Random(seed)
-    a = FakeSession(KEY_B, rng, **link)
-    b = FakeSession(KEY_A, rng, **link)
+    """Two connected ends: `a` (whose peer is B) and `b` (whose peer is A). Each direction draws
+    its loss from its own seeded generator, so one end's traffic does not shift the other's."""
+    a = FakeSession(KEY_B, random.Random(seed), **link)
+    b = FakeSession(KEY_A, random.Random(seed + 1000), **link)
     a.peer, b.peer = b, a
     return a, b
 
