@@ -104,25 +104,28 @@ def array(item: Check, max_items: int) -> Check:
             raise SchemaError(f"{name}: expected list, got {type(value).__name__}")
         if len(value) > max_items:
             raise SchemaError(f"{name}: more than {max_items} items")
-        return [item(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        each = (
+            f"{name}[]"  # one name for every item: formatting one per item cost more than the check
+        )
+        return [item(v, each) for v in value]
 
     return check
+
+
+def check_address(value: Any, name: str) -> Address:
+    """A contact address on the wire: [4- or 16-byte packed ip, port]."""
+    if type(value) is not list or len(value) != 2:
+        raise SchemaError(f"{name}: expected [ip, port]")
+    raw, port = value
+    if type(raw) is not bytes or len(raw) not in (4, 16):
+        raise SchemaError(f"{name}: ip must be 4 or 16 bytes")
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise SchemaError(f"{name}: bad port")
+    return (_ip_text(raw), port)
 
 
 def address() -> Check:
-    """A contact address on the wire: [4- or 16-byte packed ip, port]."""
-
-    def check(value: Any, name: str) -> Address:
-        if not isinstance(value, list) or len(value) != 2:
-            raise SchemaError(f"{name}: expected [ip, port]")
-        raw, port = value
-        if not isinstance(raw, bytes) or len(raw) not in (4, 16):
-            raise SchemaError(f"{name}: ip must be 4 or 16 bytes")
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise SchemaError(f"{name}: bad port")
-        return (_ip_text(raw), port)
-
-    return check
+    return check_address
 
 
 # Both caches hold one entry per distinct peer IP seen (~200 B each, so at most ~3 MB): a daemon
@@ -160,19 +163,25 @@ class Schema:
     type_code: int
     fields: tuple[Field, ...]
 
+    def __post_init__(self) -> None:
+        # Every datagram is validated: names and the known-field set are built once, not per call.
+        checks = tuple((f.name, f.check, f"{self.name}.{f.name}", f.required) for f in self.fields)
+        object.__setattr__(self, "_checks", checks)
+        object.__setattr__(self, "_known", frozenset(f.name for f in self.fields))
+
     def validate(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise SchemaError(f"{self.name}: body must be a map")
-        known = {f.name for f in self.fields}
-        extra = [k for k in body if k not in known]
-        if extra:
-            raise SchemaError(f"{self.name}: unknown field {extra[0]!r}")
+        known = self._known  # type: ignore[attr-defined]
+        for key in body:
+            if key not in known:
+                raise SchemaError(f"{self.name}: unknown field {key!r}")
         out: dict[str, Any] = {}
-        for f in self.fields:
-            if f.name in body:
-                out[f.name] = f.check(body[f.name], f"{self.name}.{f.name}")
-            elif f.required:
-                raise SchemaError(f"{self.name}: missing field {f.name!r}")
+        for key, check, label, required in self._checks:  # type: ignore[attr-defined]
+            if key in body:
+                out[key] = check(body[key], label)
+            elif required:
+                raise SchemaError(f"{self.name}: missing field {key!r}")
         return out
 
 

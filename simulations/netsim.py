@@ -125,8 +125,10 @@ class Network:
         core_factory: Callable[[Identity, DhtConfig, random.Random, float], DhtCore] | None = None,
         honest: bool = True,
         churn: bool = True,
+        publish: bool = True,
     ) -> SimNode:
-        """Create a node, publish its record and bootstrap it from live nodes."""
+        """Create a node, publish its record and bootstrap it from live nodes. (`publish=False`:
+        no record and no bootstrap yet; the caller fills its table and publishes it later.)"""
         index = len(self.nodes)
         address = (
             f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}",
@@ -143,7 +145,8 @@ class Network:
         self.by_address[address] = node
         self._alive_pos[index] = len(self.alive)
         self.alive.append(node)
-        core.set_record_addresses([address], [], self.now)
+        if publish:
+            core.set_record_addresses([address], [], self.now)
         if bootstrap:
             core.bootstrap(bootstrap, self.now)
         self._flush(node)
@@ -212,7 +215,6 @@ class Network:
             rng = self.rng
             loss = self.config.loss
             jitter = self.config.jitter
-            table = self._one_way
             for dest, data in out:
                 self.datagrams += 1
                 self.bytes += len(data)
@@ -220,13 +222,7 @@ class Network:
                 if target is None or (loss and rng.random() < loss):
                     self.lost += 1
                     continue
-                a, b = node.index, target.index
-                if a > b:
-                    a, b = b, a
-                h = (a * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-                h ^= h >> 31
-                h = (h * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-                delay = table[(h >> 40) % _RTT_TABLE_SIZE]
+                delay = self.one_way(node.index, target.index)
                 if jitter:
                     delay += rng.expovariate(1.0 / jitter)
                 self._seq += 1
@@ -249,6 +245,15 @@ class Network:
                         if tracked.callback is not None:
                             tracked.callback(tracked, ev)
         self._arm(node)
+
+    def one_way(self, a: int, b: int) -> float:
+        """The stable one-way delay between hosts `a` and `b` (half their RTT, no jitter)."""
+        if a > b:
+            a, b = b, a
+        h = (a * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        return self._one_way[(h >> 40) % _RTT_TABLE_SIZE]
 
     def run_until(self, until: float) -> None:
         heap = self._heap

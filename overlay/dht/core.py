@@ -398,7 +398,7 @@ class DhtCore:
         if schema is m.FIND:
             target = body["target"]
             reply["nodes"] = [
-                [c.public_key, wire.pack_address(c.address)]
+                c.wire_entry()
                 for c in self.table.closest(target, self.config.k)
                 if c.address != source
             ]
@@ -542,6 +542,8 @@ class DhtCore:
         self._lookups.pop(lk.id, None)
         self._refreshing.pop(lk.id, None)
         closest = lk.closest_answered()
+        if lk.target == self.node_id:
+            self.table.covered([c.node_id for c in closest], now)
         if lk.record is not None:
             # Cache-on-path repair: holders of no or an older record get the newest one.
             for node_id in lk.outdated_holders()[:3]:

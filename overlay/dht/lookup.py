@@ -1,12 +1,19 @@
 """An iterative lookup over disjoint paths (S/Kademlia), as a plain state machine.
 
-The seeds are dealt round-robin to `paths` independent shortlists; a node found by one path is
-never queried by another, so an adversary on one path cannot steer the others. Each path keeps
-`alpha` queries in flight and ends when its k closest candidates have all answered or failed.
+The seeds are dealt round-robin to `paths` independent shortlists. Each path learns contacts only
+from the nodes it queried itself, and no node is queried by two paths, so an adversary on one path
+cannot steer the others. Each path keeps `alpha` queries in flight and ends when its k closest
+candidates have all answered or failed.
+
+A node is claimed by the path that queries it, not by the first path that hears of it: record
+holders sit together around the target, and the path that got there first used to claim every one
+of them, leaving the others to search on without a record until they ran dry (simulations/README,
+finding 9).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 from overlay.dht.record import PeerRecord
@@ -15,6 +22,7 @@ from overlay.identity import node_id_for
 from overlay.wire import Address
 
 RECORDS_PER_PATH = 2
+_by_distance = operator.attrgetter("distance")
 
 
 @dataclass
@@ -22,16 +30,15 @@ class Candidate:
     public_key: bytes
     address: Address
     depth: int
-    node_id: bytes = field(init=False)
-    state: str = "new"  # new -> asked -> answered | failed
-
-    def __post_init__(self) -> None:
-        self.node_id = node_id_for(self.public_key)
+    distance: int  # XOR distance to the lookup's target: the shortlist's sort key
+    node_id: bytes
+    state: str = "new"  # new -> asked -> answered | failed; new -> taken (another path asked it)
 
 
 @dataclass
 class _Path:
     candidates: list[Candidate] = field(default_factory=list)
+    known: set[bytes] = field(default_factory=set)  # node ids on this path's shortlist
     in_flight: int = 0
     # A record lookup's path ends once RECORDS_PER_PATH holders answered with a valid record
     # (Kademlia stops at the first value): every disjoint path brings its own and the newest
@@ -67,7 +74,8 @@ class Lookup:
         self.stale_holders: list[bytes] = []  # node ids that returned an older record
         self._holders: dict[bytes, int] = {}  # node id -> seq it returned
         self._paths = [_Path() for _ in range(max(1, paths))]
-        self._owner: dict[bytes, int] = {}
+        self._asked_by: dict[bytes, int] = {}  # node id -> the path that queried it
+        self._target_int = int.from_bytes(target, "big")
         ordered = sorted(seeds, key=lambda s: distance(node_id_for(s[0]), target))
         for i, (pk, addr) in enumerate(ordered):
             self._add(i % len(self._paths), [(pk, addr)], 1)
@@ -75,35 +83,46 @@ class Lookup:
     def _add(self, path: int, contacts: list[tuple[bytes, Address]], depth: int) -> None:
         p = self._paths[path]
         added = False
+        known, asked = p.known, self._asked_by
         for public_key, address in contacts:
-            cand = Candidate(public_key, address, depth)
-            if cand.node_id == self.self_id or cand.node_id in self._owner:
+            node_id = node_id_for(public_key)
+            if node_id == self.self_id or node_id in known or node_id in asked:
                 continue
-            self._owner[cand.node_id] = path
-            p.candidates.append(cand)
+            known.add(node_id)
+            dist = int.from_bytes(node_id, "big") ^ self._target_int
+            p.candidates.append(Candidate(public_key, address, depth, dist, node_id))
             added = True
         if not added:
             return
-        target = int.from_bytes(self.target, "big")
-        p.candidates.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ target)
+        p.candidates.sort(key=_by_distance)
         # Only the closest few matter; forgetting the rest bounds memory under hostile replies.
         limit = 4 * self.k
         if len(p.candidates) > limit:
             for dropped in p.candidates[limit:]:
                 if dropped.state == "new":
-                    del self._owner[dropped.node_id]
+                    known.discard(dropped.node_id)
             p.candidates = [c for i, c in enumerate(p.candidates) if i < limit or c.state != "new"]
 
     def next_queries(self) -> list[Candidate]:
         out: list[Candidate] = []
-        for p in self._paths:
+        asked = self._asked_by
+        for index, p in enumerate(self._paths):
             if p.satisfied:
                 continue
-            live = [c for c in p.candidates if c.state != "failed"][: self.k]
-            for cand in live:
+            live = 0  # walks the k closest candidates that have not failed
+            for cand in p.candidates:
                 if p.in_flight >= self.alpha:
                     break
-                if cand.state == "new":
+                state = cand.state
+                if state == "new" and cand.node_id in asked:
+                    state = cand.state = "taken"
+                if state == "failed" or state == "taken":
+                    continue
+                live += 1
+                if live > self.k:
+                    break
+                if state == "new":
+                    asked[cand.node_id] = index
                     cand.state = "asked"
                     p.in_flight += 1
                     self.queries += 1
@@ -111,12 +130,12 @@ class Lookup:
         return out
 
     def _find(self, node_id: bytes) -> tuple[_Path, Candidate] | None:
-        path = self._owner.get(node_id)
+        path = self._asked_by.get(node_id)
         if path is None:
             return None
         p = self._paths[path]
         for c in p.candidates:
-            if c.node_id == node_id:
+            if c.node_id == node_id and c.state != "taken":
                 return p, c
         return None
 
@@ -131,7 +150,7 @@ class Lookup:
             return
         cand.state = "answered"
         p.in_flight -= 1
-        self._add(self._owner[node_id], contacts, cand.depth + 1)
+        self._add(self._asked_by[node_id], contacts, cand.depth + 1)
         if record is not None and record.node_id == self.target:
             p.records += 1
             p.satisfied = p.records >= RECORDS_PER_PATH
@@ -158,14 +177,20 @@ class Lookup:
                 continue
             if p.in_flight:
                 return False
-            live = [c for c in p.candidates if c.state != "failed"][: self.k]
+            asked = self._asked_by
+            live = [
+                c
+                for c in p.candidates
+                if c.state not in ("failed", "taken")
+                and not (c.state == "new" and c.node_id in asked)
+            ][: self.k]
             if any(c.state == "new" for c in live):
                 return False
         return True
 
     def closest_answered(self) -> list[Candidate]:
         answered = [c for p in self._paths for c in p.candidates if c.state == "answered"]
-        answered.sort(key=lambda c: distance(c.node_id, self.target))
+        answered.sort(key=_by_distance)
         return answered[: self.k]
 
     def hops(self) -> int:

@@ -25,9 +25,12 @@ _record = wire.array(wire.blob(0, 600), 2)
 
 
 def _contact(value: object, name: str) -> tuple[bytes, wire.Address]:
-    if not isinstance(value, list) or len(value) != 2:
+    if type(value) is not list or len(value) != 2:
         raise wire.SchemaError(f"{name}: expected [public key, address]")
-    return _pk(value[0], name), wire.address()(value[1], name)
+    pk = value[0]
+    if type(pk) is not bytes or len(pk) != PUBLIC_KEY_SIZE:
+        raise wire.SchemaError(f"{name}: public key must be {PUBLIC_KEY_SIZE} bytes")
+    return pk, wire.check_address(value[1], name)
 
 
 PING = wire.Schema(

@@ -7,11 +7,13 @@ prefer long-lived contacts, as in the Kademlia paper (old nodes are the likelies
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from overlay.identity import NODE_ID_SIZE, node_id_for
-from overlay.wire import Address
+from overlay.wire import Address, pack_address
 
 K = 20  # bucket size and replication factor (Kademlia paper; BitTorrent's 8 is for far more churn)
 ID_BITS = NODE_ID_SIZE * 8
@@ -41,9 +43,18 @@ class Contact:
     rtt: float | None = None
     relay: bool = False  # it serves as a blind relay (said in its signed replies)
     node_id: bytes = field(init=False)
+    id_int: int = field(init=False)  # node_id as an int: every FIND we answer sorts by XOR
+    _wire: list[Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.node_id = node_id_for(self.public_key)
+        self.id_int = int.from_bytes(self.node_id, "big")
+
+    def wire_entry(self) -> list[Any]:
+        """[public key, packed address] as a FIND reply carries it; built once per address."""
+        if self._wire is None:
+            self._wire = [self.public_key, pack_address(self.address)]
+        return self._wire
 
     def observe_rtt(self, sample: float) -> None:
         self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
@@ -67,6 +78,7 @@ class RoutingTable:
         self.self_id = self_id
         self.k = k
         self.buckets = [_UNUSED] * ID_BITS
+        self._used: list[int] = []  # indices of the real buckets, ascending: closest() walks them
         self._size = 0
 
     def _bucket(self, index: int) -> Bucket:
@@ -74,14 +86,16 @@ class RoutingTable:
         bucket = self.buckets[index]
         if bucket is _UNUSED:
             bucket = self.buckets[index] = Bucket()
+            bisect.insort(self._used, index)
         return bucket
 
     def __len__(self) -> int:
         return self._size
 
     def __iter__(self) -> Iterator[Contact]:
-        for b in self.buckets:
-            yield from b.contacts
+        buckets = self.buckets
+        for i in self._used:
+            yield from buckets[i].contacts
 
     def get(self, node_id: bytes) -> Contact | None:
         if node_id == self.self_id:
@@ -107,7 +121,9 @@ class RoutingTable:
         bucket = self._bucket(bucket_index(self.self_id, node_id))
         for c in bucket.contacts:
             if c.node_id == node_id:
-                c.address, c.last_seen, c.failures = address, now, 0
+                if c.address != address:
+                    c.address, c._wire = address, None
+                c.last_seen, c.failures = now, 0
                 if lookup:
                     c.lookup_failures = 0
                 if rtt is not None:
@@ -187,9 +203,12 @@ class RoutingTable:
         t = int.from_bytes(target, "big")
         b = (int.from_bytes(self.self_id, "big") ^ t).bit_length() - 1
         buckets = self.buckets
-        groups: Iterable[Iterable[Bucket]] = ((buckets[b],), buckets[:b]) if b >= 0 else ()
+        used = self._used
+        below = [buckets[i] for i in used if i < b]
+        groups: Iterable[Iterable[Bucket]] = ((buckets[b],), below) if b >= 0 else ()
+        above = ((buckets[i],) for i in used if i > b)
         out: list[Contact] = []
-        for group in (*groups, *((bucket,) for bucket in buckets[b + 1 :])):
+        for group in (*groups, *above):
             pool = [
                 c
                 for bucket in group
@@ -198,7 +217,7 @@ class RoutingTable:
                 or (c.failures < MAX_FAILURES and c.lookup_failures < MAX_LOOKUP_FAILURES)
             ]
             if pool:
-                pool.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ t)
+                pool.sort(key=lambda c: c.id_int ^ t)
                 out.extend(pool)
                 if len(out) >= count:
                     break
@@ -206,8 +225,11 @@ class RoutingTable:
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
         """Non-empty buckets nobody touched within `interval`: due for a refresh lookup."""
+        buckets = self.buckets
         return [
-            i for i, b in enumerate(self.buckets) if b.contacts and now - b.last_touched >= interval
+            i
+            for i in self._used
+            if buckets[i].contacts and now - buckets[i].last_touched >= interval
         ]
 
     def touch(self, target: bytes, now: float) -> None:
@@ -217,6 +239,17 @@ class RoutingTable:
     def refreshed(self, index: int, now: float) -> None:
         """Bucket `index` counts as refreshed now (as if a lookup had gone through it)."""
         self._bucket(index).last_touched = now
+
+    def covered(self, nearest: list[bytes], now: float) -> None:
+        """A lookup of our own id answered with `nearest` (node ids, nearest first, k of them):
+        it saw every node closer than the farthest of them, so the buckets wholly inside that
+        distance count as refreshed. This is the Kademlia paper's join rule (refresh only the
+        buckets beyond the nearest neighbours); a refresh of one of them could find nobody new."""
+        if len(nearest) < self.k:
+            return
+        lowest = bucket_index(self.self_id, nearest[0])
+        for index in range(max(0, lowest), bucket_index(self.self_id, nearest[self.k - 1])):
+            self._bucket(index).last_touched = now
 
     def random_id_in_bucket(self, index: int, rand: int) -> bytes:
         """An id at distance [2^index, 2^(index+1)) from ours; `rand` supplies the low bits."""
