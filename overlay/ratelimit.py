@@ -23,23 +23,39 @@ class TokenBucket:
 
 
 class KeyedLimiter:
-    """One bucket per key, the least recently used forgotten beyond `max_keys` (bounded memory)."""
+    """One bucket per key, the least recently used forgotten beyond `max_keys` (bounded memory).
+
+    A bucket idle long enough to have refilled to its burst is the same as a new one, so it is
+    forgotten too: a DHT node hears from hundreds of sources, and keeping one bucket each for ever
+    cost ~25 kB per node."""
 
     def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
         self.rate = rate
         self.burst = burst
         self.max_keys = max_keys
+        self._refill = burst / rate if rate > 0 else float("inf")
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._buckets)
+
     def allow(self, key: Hashable, now: float, cost: float = 1.0) -> bool:
-        bucket = self._buckets.get(key)
+        buckets = self._buckets
+        bucket = buckets.get(key)
         if bucket is None:
             bucket = TokenBucket(self.rate, self.burst, now)
-            self._buckets[key] = bucket
-            if len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
+            buckets[key] = bucket
+            if len(buckets) > self.max_keys:
+                buckets.popitem(last=False)
         else:
-            self._buckets.move_to_end(key)
+            buckets.move_to_end(key)
+        # The least recently used come first: forget the ones that are full again (two per
+        # call at most, which keeps up with one new key per call).
+        for _ in range(2):
+            oldest = next(iter(buckets.values()))
+            if oldest is bucket or now - oldest.stamp < self._refill:
+                break
+            buckets.popitem(last=False)
         return bucket.allow(now, cost)
 
 

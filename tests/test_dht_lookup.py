@@ -66,7 +66,7 @@ def test_no_node_is_queried_twice(replies, paths):
     )
     queried: list[bytes] = []
     pending = lk.next_queries()
-    for i, pick in enumerate(replies):
+    for pick in replies:
         if not pending:
             break
         cand = pending.pop(0)

@@ -73,21 +73,3 @@ def test_closest_equals_sorting_the_whole_table(seeds, target, count, data):
         want = sorted(pool, key=lambda c: distance(c.node_id, near))[:count]
         assert table.closest(near, count, live_only=live_only) == want
 
-
-@given(st.lists(st.integers(0, 2**256 - 1), min_size=25, max_size=60, unique=True))
-def test_a_self_lookup_covers_only_the_buckets_inside_its_k_nearest(ids):
-    """The join rule: buckets wholly nearer than the k-th nearest node a lookup of our own id
-    found need no refresh; the bucket of that k-th node and every farther one still do."""
-    k = 20
-    table = RoutingTable(SELF.node_id, k)
-    self_int = int.from_bytes(SELF.node_id, "big")
-    nearest = sorted(
-        (i.to_bytes(32, "big") for i in ids if i != self_int),
-        key=lambda n: distance(n, SELF.node_id),
-    )[:k]
-    table.covered(nearest[: k - 1], 5.0)  # fewer than k answered: nothing is known to be complete
-    assert not any(b.last_touched for b in table.buckets)
-    table.covered(nearest, 5.0)
-    lo, hi = bucket_index(SELF.node_id, nearest[0]), bucket_index(SELF.node_id, nearest[-1])
-    for index, bucket in enumerate(table.buckets):
-        assert (bucket.last_touched == 5.0) == (lo <= index < hi), index

@@ -107,3 +107,26 @@ def test_baseline_small_on_loopback() -> None:
     assert ours["malformed"]["still_serving"]
     assert theirs["forged_value"]["verdict"] == "ACCEPTED"
     assert ours["bytes_per_lookup"] > 0
+
+
+def test_oracle_build_fills_every_bucket_from_the_live_population() -> None:
+    """The oracle start gives each node min(k, nodes in range) contacts per bucket (checked
+    against a brute-force scan), publishes every record through the protocol, and lookups work."""
+    from overlay.dht.routing import bucket_index
+
+    net = Network(NetConfig(seed=13))
+    dhtrun.build_oracle(net, SMALL, settle=35.0)
+    for node in net.alive[:20]:
+        table = node.core.table
+        per_bucket: dict[int, int] = {}
+        for other in net.alive:
+            if other is not node:
+                index = bucket_index(table.self_id, other.core.node_id)
+                per_bucket[index] = per_bucket.get(index, 0) + 1
+        for index, count in per_bucket.items():
+            assert len(table.buckets[index].contacts) == min(count, table.k), index
+        assert len(table) == sum(min(c, table.k) for c in per_bucket.values())
+    held = [n.core.store.get(net.alive[0].core.node_id, net.now) for n in net.alive]
+    assert sum(r is not None for r in held) >= 15, "the first node's record reached its replicas"
+    row = dhtrun.summarise(net, dhtrun.run_lookups(net, 40, 10.0))
+    assert row["success"] >= 0.95

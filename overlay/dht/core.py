@@ -542,8 +542,6 @@ class DhtCore:
         self._lookups.pop(lk.id, None)
         self._refreshing.pop(lk.id, None)
         closest = lk.closest_answered()
-        if lk.target == self.node_id:
-            self.table.covered([c.node_id for c in closest], now)
         if lk.record is not None:
             # Cache-on-path repair: holders of no or an older record get the newest one.
             for node_id in lk.outdated_holders()[:3]:

@@ -240,17 +240,6 @@ class RoutingTable:
         """Bucket `index` counts as refreshed now (as if a lookup had gone through it)."""
         self._bucket(index).last_touched = now
 
-    def covered(self, nearest: list[bytes], now: float) -> None:
-        """A lookup of our own id answered with `nearest` (node ids, nearest first, k of them):
-        it saw every node closer than the farthest of them, so the buckets wholly inside that
-        distance count as refreshed. This is the Kademlia paper's join rule (refresh only the
-        buckets beyond the nearest neighbours); a refresh of one of them could find nobody new."""
-        if len(nearest) < self.k:
-            return
-        lowest = bucket_index(self.self_id, nearest[0])
-        for index in range(max(0, lowest), bucket_index(self.self_id, nearest[self.k - 1])):
-            self._bucket(index).last_touched = now
-
     def random_id_in_bucket(self, index: int, rand: int) -> bytes:
         """An id at distance [2^index, 2^(index+1)) from ours; `rand` supplies the low bits."""
         dist = (1 << index) | (rand & ((1 << index) - 1))
