@@ -104,9 +104,8 @@ def array(item: Check, max_items: int) -> Check:
             raise SchemaError(f"{name}: expected list, got {type(value).__name__}")
         if len(value) > max_items:
             raise SchemaError(f"{name}: more than {max_items} items")
-        each = (
-            f"{name}[]"  # one name for every item: formatting one per item cost more than the check
-        )
+        # One name for every item: formatting one per item cost more than checking it.
+        each = f"{name}[]"
         return [item(v, each) for v in value]
 
     return check

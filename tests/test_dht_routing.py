@@ -72,4 +72,3 @@ def test_closest_equals_sorting_the_whole_table(seeds, target, count, data):
         pool = [c for c in table if not live_only or c.failures < MAX_FAILURES]
         want = sorted(pool, key=lambda c: distance(c.node_id, near))[:count]
         assert table.closest(near, count, live_only=live_only) == want
-

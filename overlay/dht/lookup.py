@@ -8,7 +8,7 @@ candidates have all answered or failed.
 A node is claimed by the path that queries it, not by the first path that hears of it: record
 holders sit together around the target, and the path that got there first used to claim every one
 of them, leaving the others to search on without a record until they ran dry (simulations/README,
-finding 9).
+finding 12).
 """
 
 from __future__ import annotations
