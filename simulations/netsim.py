@@ -155,6 +155,11 @@ class Network:
             self.at(self.now + self.rng.expovariate(rate), lambda n=node: self._depart(n))
         return node
 
+    def publish(self, node: SimNode) -> None:
+        """Sign and publish the node's record (its address) now."""
+        node.core.set_record_addresses([node.address], [], self.now)
+        self._flush(node)
+
     def remove_node(self, node: SimNode) -> None:
         """The node vanishes silently: no goodbye, datagrams to it are lost."""
         if not node.alive:
