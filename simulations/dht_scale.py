@@ -5,8 +5,8 @@ level then runs in a forked copy: churn for `--warmup` virtual seconds so routin
 steady-state share of dead contacts, then `--lookups` record lookups spread over `--window`.
 
     python -m simulations.dht_scale --json                      # 1k, churn 0/10/30 %/h
-    python -m simulations.dht_scale --sizes 1000 10000 --json   # the committed 1k + 10k results
-    python -m simulations.dht_scale --sizes 100000 --churn 0.3  # how far 100k gets
+    python -m simulations.dht_scale --sizes 10000 --churn 0.3 --build oracle --json  # ~11 min
+    python -m simulations.dht_scale --sizes 100000 --churn 0 --build oracle --warmup 0  # ~45 min
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from overlay.dht.core import DhtConfig
 from simulations import dhtrun, whatif
 from simulations.netsim import NetConfig, Network
 
-# 1k keeps the default run within a few minutes; 10k takes ~25 min on 2 shared cores (README).
+# 1k keeps the default run within a few minutes (10k: README, with `--build oracle`).
 DEFAULT_SIZES = (1000,)
 DEFAULT_CHURN = (0.0, 0.1, 0.3)
 # Ten virtual minutes of churn: enough for dead contacts to build up in routing tables
