@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--build",
         choices=("protocol", "oracle"),
         default="protocol",
-        help="protocol: every node joins through the DHT (~1 CPU-h at 10k); oracle: start from "
+        help="protocol: every node joins through the DHT (~45 CPU-min at 10k); oracle: start from "
         "converged routing tables, publish records through the DHT (minutes at 10k)",
     )
     ap.add_argument(
