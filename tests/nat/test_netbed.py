@@ -6,6 +6,7 @@ Each probe is a tiny script run by the venv's Python inside a host's namespace; 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -269,12 +270,21 @@ def test_jitter_does_not_reorder_unless_asked(netbed: NetBed) -> None:
     relay.start_reflector(REFLECTOR_PORT)
     netbed.impair(alice, delay_ms=20, jitter_ms=15, seed=7)
     got = _json(alice, BURST_ECHO, _addr(relay, REFLECTOR_PORT), 200)
-    assert got == sorted(got)
+    # Jitter of +-15 ms on a 0.5 ms paced burst would shuffle it (dozens of descents). The kernel
+    # itself may swap a run once: a veth or tap queues each frame on the sending CPU's backlog,
+    # so a process that moves to the other core mid-burst can overtake its own earlier frames
+    # (seen once in CI: 61 arrived before 44). That is one descent, not a shuffle.
+    assert _descents(got) <= 2, got
     assert len(got) == 200
     netbed.impair(relay, delay_ms=20, jitter_ms=15, reorder=True, seed=7)  # a public host too
     got = _json(alice, BURST_ECHO, _addr(relay, REFLECTOR_PORT), 200)
-    assert got != sorted(got)
+    assert _descents(got) >= 20, got
     assert sorted(got) == list(range(200))
+
+
+def _descents(seq: list[int]) -> int:
+    """How many times the sequence steps down: 0 for an ordered burst."""
+    return sum(1 for a, b in itertools.pairwise(seq) if b < a)
 
 
 def _delivered_share(alice: Host, relay: Host) -> float:
