@@ -145,16 +145,26 @@ class RelayPath:
 
 @dataclass
 class IcePath:
-    """A pair nominated by ICE; direct pairs run on a trio-native socket, TURN stays in aioice."""
+    """A pair nominated by ICE; direct pairs run on a trio-native socket, TURN stays in aioice.
+
+    The id names the nominated remote for the path's whole life, even after `follow` moved it."""
 
     socket: Any
     kind: str
     remote: Address
     outbox: trio.MemorySendChannel[bytes] | None = None
+    path_id: str = ""
 
-    @property
-    def path_id(self) -> str:
-        return "ice:" + format_address(self.remote)
+    def __post_init__(self) -> None:
+        self.path_id = self.path_id or "ice:" + format_address(self.remote)
+
+    def follow(self, source: Address) -> None:
+        """An authentic datagram came from `source`: the peer's NAT rebound, so answer there
+        (WireGuard's roaming). Without this, the peer's packets still arrive but ours go to a
+        mapping that no longer exists: a one-way path that looks alive from this side."""
+        if self.kind == "direct" and source != self.remote:
+            log.info("ICE path %s: peer moved to %s", self.path_id, format_address(source))
+            self.remote = self.socket.remote_addr = source
 
     def send(self, packet: bytes) -> None:
         if self.outbox is not None:
@@ -292,11 +302,11 @@ class PeerSession:
             return
         path.send(packet)
 
-    def add_path(self, path: AnyPath, alive: bool = False) -> None:
+    def add_path(self, path: AnyPath, alive: bool = False, prefer: bool = False) -> None:
         now = self.service.now()
         before = self.selector.active_kind
         self.paths[path.path_id] = path
-        self.selector.add(path.path_id, path.kind, now, alive=alive)
+        self.selector.add(path.path_id, path.kind, now, alive=alive, prefer=prefer)
         self._probe(path.path_id, now)
         self._after_select(before)
 
@@ -534,7 +544,8 @@ class SessionService:
     ) -> None:
         """The per-packet hot path: find the session by index, open, hand over. Its first three
         arguments are an endpoint handler's, so the daemon socket routes transport packets here
-        without a dispatcher call in between; relay and ICE paths pass their path id."""
+        without a dispatcher call in between; relay paths pass their path id, ICE paths their
+        path id and the datagram's source."""
         if len(packet) < TRANSPORT_OVERHEAD or packet[0] != KIND_TRANSPORT:
             return
         peer = self.by_index.get(_RECEIVER_INDEX.unpack_from(packet, 1)[0])
@@ -554,7 +565,11 @@ class SessionService:
                 # (expired or dead): without re-adding it, its packets would never revive a path.
                 main = MainPath(endpoint, source)
                 path_id = peer.main_paths[source] = main.path_id
-                peer.add_path(main, alive=True)
+                peer.add_path(main, alive=True, prefer=True)
+        elif source is not None:
+            path = peer.paths.get(path_id)
+            if isinstance(path, IcePath) and source != path.remote:
+                path.follow(source)  # before the answer this very packet may ask for
         peer.on_plaintext(plaintext, path_id, now)
 
     # --- handshakes ----------------------------------------------------------------------------
@@ -857,11 +872,12 @@ class _IceTask:
                 path = IcePath(nominated.socket, kind, nominated.remote_addr, outbox)
                 peer.add_path(path)
                 nursery.start_soon(_keepalive, nominated.socket)
+                on_transport = self.service._on_transport
                 while not peer.closed:
-                    batch = await nominated.socket.recv_batch()
-                    for packet in batch:
+                    batch = await nominated.socket.recv_batch_from()
+                    for packet, source in batch:
                         if packet and packet[0] == KIND_TRANSPORT:
-                            self.service._on_transport(packet, None, None, path.path_id)
+                            on_transport(packet, source, None, path.path_id)
 
 
 async def guarded(fn: Callable[..., Awaitable[Any]], *args: Any) -> None:

@@ -9,9 +9,11 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from overlay.dht.record import format_address
 from overlay.identity import Identity
 from overlay.node import Node, NodeOptions
-from overlay.sessions import decode_offer, encode_offer
+from overlay.path.ice import NativePathSocket, NominatedPath
+from overlay.sessions import IcePath, _IceTask, decode_offer, encode_offer
 from tests.conftest import free_udp_port
 
 
@@ -96,6 +98,87 @@ async def test_forced_relay_session_and_failover_to_the_second_relay(tmp_path):
         assert peer.path_kind == "relayed"
         alive = next(r for r in relays if r is not dead)
         assert alive.info()["relay_stats"]["forwarded_packets"] > 0
+        nursery.cancel_scope.cancel()
+
+
+def native_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return NativePathSocket(sock, ("127.0.0.1", 9), "ufrag", "p" * 22)
+
+
+class RebindingNat:
+    """A symmetric NAT in one process: b sends to `inside`, the world sees `outside`; `rebind`
+    forgets the mapping, so the next packet leaves from a new port and answers to the old one are
+    dropped, as conntrack -F does on the NAT bed."""
+
+    def __init__(self, world):
+        self.world = world
+        self.inside = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.outside = None
+        self.member = None
+
+    async def start(self, nursery):
+        await self.inside.bind(("127.0.0.1", 0))
+        await self.rebind(nursery)
+        nursery.start_soon(self._out)
+
+    async def rebind(self, nursery):
+        if self.outside is not None:
+            self.outside.close()
+        self.outside = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await self.outside.bind(("127.0.0.1", 0))
+        nursery.start_soon(self._back, self.outside)
+
+    async def _out(self):
+        while True:
+            data, self.member = await self.inside.recvfrom(2048)
+            with contextlib.suppress(OSError):
+                await self.outside.sendto(data, self.world)
+
+    async def _back(self, outside):
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
+            while True:
+                data, _ = await outside.recvfrom(2048)
+                if self.member is not None:  # nothing went out yet: no mapping to answer
+                    await self.inside.sendto(data, self.member)
+
+
+async def test_direct_ice_path_follows_the_peer_to_its_new_nat_mapping(tmp_path):
+    """The CI failure this guards: a symmetric NAT rebinds, the peer's ICE packets now come from
+    a new port, and we kept answering the old one. Our side saw the path alive (it received), the
+    peer never heard back."""
+    async with trio.open_nursery() as nursery:
+        _, a, b = await network(nursery, tmp_path, relays=1, direct=False)
+        accepted = []
+        b.sessions.incoming = lambda peer: accepted.append(peer)
+        a_peer = await a.sessions.connect(b.identity.public_key)
+        with trio.fail_after(5):
+            while not accepted:
+                await trio.sleep(0.02)
+        b_peer = accepted[0]
+        a_sock, b_sock = native_socket(), native_socket()
+        nat = RebindingNat(a_sock.local_addr)
+        await nat.start(nursery)
+        b_sock.remote_addr = nat.inside.getsockname()
+        a_sock.remote_addr = nat.outside.getsockname()
+        for service, peer, sock in ((a.sessions, a_peer, a_sock), (b.sessions, b_peer, b_sock)):
+            nominated = NominatedPath(
+                sock, sock.local_addr, sock.remote_addr, "direct", "host", "host"
+            )
+            nursery.start_soon(_IceTask(service, controlling=True)._pump, peer, nominated)
+        with trio.fail_after(5):
+            while not (a_peer.path_kind == b_peer.path_kind == "direct"):
+                await trio.sleep(0.02)
+        old = nat.outside.getsockname()
+        await nat.rebind(nursery)
+        with trio.fail_after(3):
+            rtt = await b_peer.ping()  # out on the ICE path from the new port, answer must follow
+        assert rtt > 0
+        ice = next(p for p in a_peer.paths.values() if isinstance(p, IcePath))
+        assert ice.remote == nat.outside.getsockname() != old
+        assert ice.path_id == "ice:" + format_address(old)  # the same path, moved
+        assert a_peer.path_kind == "direct"
         nursery.cancel_scope.cancel()
 
 

@@ -145,6 +145,9 @@ class PathSocket(Protocol):
     async def send(self, data: bytes) -> None: ...
     async def recv(self) -> bytes: ...
     async def recv_batch(self, max_count: int = DEFAULT_BATCH) -> list[bytes]: ...
+    async def recv_batch_from(
+        self, max_count: int = DEFAULT_BATCH
+    ) -> list[tuple[bytes, Address]]: ...
     async def keepalive(self) -> None: ...
     def close(self) -> None: ...
 
@@ -215,9 +218,12 @@ class NativePathSocket:
                 self._sock.sendto(reply, addr[:2])
         return False
 
-    def recv_nowait(self, max_count: int = DEFAULT_BATCH) -> list[bytes]:
-        """Whatever is queued in the kernel right now (up to `max_count`), without waiting."""
-        out, self._pending = self._pending[:max_count], self._pending[max_count:]
+    def recv_nowait_from(self, max_count: int = DEFAULT_BATCH) -> list[tuple[bytes, Address]]:
+        """Whatever is queued in the kernel right now (up to `max_count`), without waiting, with
+        each datagram's source: the session layer follows a peer whose NAT rebound (new source
+        port) once a datagram from there proves authentic."""
+        pending, self._pending = self._pending[:max_count], self._pending[max_count:]
+        out = [(data, self.remote_addr) for data in pending]
         while len(out) < max_count:
             try:
                 data, addr = self._sock.recvfrom(RECV_SIZE)
@@ -228,13 +234,16 @@ class NativePathSocket:
                     raise PathClosed("path socket closed") from exc
                 continue  # ICMP error reported on a UDP socket: skip it
             if self._filter(data, addr):
-                out.append(data)
+                out.append((data, addr[:2]))
         return out
 
     async def recv_batch(self, max_count: int = DEFAULT_BATCH) -> list[bytes]:
+        return [data for data, _ in await self.recv_batch_from(max_count)]
+
+    async def recv_batch_from(self, max_count: int = DEFAULT_BATCH) -> list[tuple[bytes, Address]]:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            out = self.recv_nowait(max_count)
+            out = self.recv_nowait_from(max_count)
             if out:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return out
@@ -279,6 +288,10 @@ class AioicePathSocket:
 
     async def recv_batch(self, max_count: int = DEFAULT_BATCH) -> list[bytes]:
         return [await self.recv()]
+
+    async def recv_batch_from(self, max_count: int = DEFAULT_BATCH) -> list[tuple[bytes, Address]]:
+        """aioice hides the source; through TURN it is always the relayed peer address."""
+        return [(await self.recv(), self.remote_addr)]
 
     async def keepalive(self) -> None:
         await self.send(binding_indication())

@@ -39,13 +39,26 @@ class PathSelector:
         self.active: str | None = None
         self.changes = 0
 
-    def add(self, path_id: str, kind: str, now: float, alive: bool = False) -> None:
+    def add(
+        self, path_id: str, kind: str, now: float, alive: bool = False, prefer: bool = False
+    ) -> None:
+        """`prefer` (with `alive`): take this path now over an alive one of the same kind — the
+        peer just showed up at a new address (its NAT rebound), so the old one is likely dead,
+        and waiting PATH_DEAD_AFTER to find out would lose what we send meanwhile."""
         if kind not in KIND_PREFERENCE:
             raise ValueError(f"unknown path kind {kind!r}")
         if path_id not in self.paths:
             self.paths[path_id] = PathState(path_id, kind, now)
         if alive:
             self.paths[path_id].last_rx = now
+            current = self.paths.get(self.active) if self.active else None
+            if (
+                prefer
+                and self.active != path_id
+                and (current is None or KIND_PREFERENCE[kind] <= KIND_PREFERENCE[current.kind])
+            ):
+                self.active = path_id
+                self.changes += 1
         self._choose(now)
 
     def remove(self, path_id: str, now: float) -> None:

@@ -142,3 +142,7 @@ def test_session_survives_nat_rebinding_within_3_seconds(matrix, netbed):
             break
     print(f"recovered after {recovered} s on {result.get('path')}")
     assert recovered is not None and recovered <= 3.0, (recovered, result)
+    # And it stays up once the old mappings' paths die (PATH_DEAD_AFTER): before paths followed
+    # the peer, the callee could keep answering on a one-way ICE path that only looked alive.
+    later = caller.call("session.ping", public_key=callee.public_key, count=6, interval=0.5)
+    assert later["lost"] == 0, later
