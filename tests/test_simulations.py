@@ -28,10 +28,20 @@ def test_lookups_succeed_without_attack(small_net: Network) -> None:
     row = dhtrun.summarise(small_net, work)
     assert row["lookups"] == 60
     assert row["success"] >= 0.95
+    assert row["found_too_late"] == 0.0
     assert row["hops_median"] <= 3
     assert 0 < row["latency_median_s"] < 5.0
     assert row["bytes_per_lookup_median"] > 0
     assert row["records_per_node_mean"] >= 1  # every node holds at least its own record
+
+
+def test_a_lookup_past_the_deadline_counts_as_late_not_found(
+    small_net: Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dhtrun, "LOOKUP_DEADLINE", 0.0)  # every lookup takes longer than this
+    row = dhtrun.summarise(small_net, dhtrun.run_lookups(small_net, 30, 10.0))
+    assert row["success"] == 0.0 and row["current_record"] == 0.0
+    assert row["found_too_late"] >= 0.9
 
 
 def test_churn_keeps_population_and_lookups_work() -> None:
