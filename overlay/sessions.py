@@ -153,16 +153,16 @@ class IcePath:
     kind: str
     remote: Address
     outbox: trio.MemorySendChannel[bytes] | None = None
-    path_id: str = ""
+    path_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.path_id = self.path_id or "ice:" + format_address(self.remote)
+        self.path_id = "ice:" + format_address(self.remote)
 
     def follow(self, source: Address) -> None:
         """An authentic datagram came from `source`: the peer's NAT rebound, so answer there
         (WireGuard's roaming). Without this, the peer's packets still arrive but ours go to a
         mapping that no longer exists: a one-way path that looks alive from this side."""
-        if self.kind == "direct" and source != self.remote:
+        if self.kind == "direct":
             log.info("ICE path %s: peer moved to %s", self.path_id, format_address(source))
             self.remote = self.socket.remote_addr = source
 

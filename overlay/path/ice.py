@@ -59,7 +59,7 @@ MAX_REMOTE_CANDIDATES = 32
 MAX_CANDIDATE_LENGTH = 512
 # Receive buffer: bigger than any UDP payload we accept on a path, so nothing is truncated.
 RECV_SIZE = 2048
-# Batch size for `recv_batch`: drains the kernel queue without starving other tasks for long.
+# Batch size for `recv_batch_from`: drains the kernel queue without starving other tasks for long.
 DEFAULT_BATCH = 64
 _ICE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 
@@ -144,7 +144,6 @@ class PathSocket(Protocol):
 
     async def send(self, data: bytes) -> None: ...
     async def recv(self) -> bytes: ...
-    async def recv_batch(self, max_count: int = DEFAULT_BATCH) -> list[bytes]: ...
     async def recv_batch_from(
         self, max_count: int = DEFAULT_BATCH
     ) -> list[tuple[bytes, Address]]: ...
@@ -237,9 +236,6 @@ class NativePathSocket:
                 out.append((data, addr[:2]))
         return out
 
-    async def recv_batch(self, max_count: int = DEFAULT_BATCH) -> list[bytes]:
-        return [data for data, _ in await self.recv_batch_from(max_count)]
-
     async def recv_batch_from(self, max_count: int = DEFAULT_BATCH) -> list[tuple[bytes, Address]]:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
@@ -250,7 +246,7 @@ class NativePathSocket:
             await trio.lowlevel.wait_readable(self._sock)
 
     async def recv(self) -> bytes:
-        return (await self.recv_batch(1))[0]
+        return (await self.recv_batch_from(1))[0][0]
 
     async def keepalive(self) -> None:
         await self.send(binding_indication())
@@ -285,9 +281,6 @@ class AioicePathSocket:
                 raise PathClosed(str(exc)) from exc
             if not is_stun(data):
                 return data
-
-    async def recv_batch(self, max_count: int = DEFAULT_BATCH) -> list[bytes]:
-        return [await self.recv()]
 
     async def recv_batch_from(self, max_count: int = DEFAULT_BATCH) -> list[tuple[bytes, Address]]:
         """aioice hides the source; through TURN it is always the relayed peer address."""
