@@ -81,8 +81,9 @@ RELAYS_PER_SESSION = 2
 IDLE_TIMEOUT = 120.0
 # A session whose every path has been silent this long is declared down.
 STRANDED_AFTER = 20.0
-# A session that never got a single packet through on any path is closed after this (seen on the
-# NAT bed: ICE completes through TURN, yet the nominated pair never carries a probe, ~1 in 5).
+# A session that never got a single packet through on any path is closed after this, so a fresh
+# attempt can follow (on the NAT bed ICE through TURN did this ~1 in 3 times while aioice's
+# aggressive nomination let the two sides pick different pairs; see IceAgent).
 NEVER_UP_AFTER = 10.0
 # A relay path silent this long is re-joined (once per interval): cheap, and it is how a session
 # survives its own NAT rebinding while relayed.

@@ -352,6 +352,13 @@ class IceAgent:
             turn_username=turn_username,
             turn_password=turn_password,
         )
+        # Regular nomination, which aioice does for a lite peer: the controlling side nominates
+        # the first pair that works with one extra check, and the controlled side takes exactly
+        # that pair. With aioice's default aggressive nomination each side completes on the first
+        # nominated pair *it* sees, and they may differ: on the NAT bed ~1 in 3 symmetric pairs
+        # through TURN ended with A sending host->B's relay and B host->A's relay, both allocations
+        # unread after the takeover, and nothing ever arrived (redialled after NEVER_UP_AFTER).
+        self._conn.remote_is_lite = True
         self._stack = AsyncExitStack()
         self._loop: Any = None
         self._gathered: LocalIceInfo | None = None
