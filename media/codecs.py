@@ -323,21 +323,39 @@ class VideoDecoder:
             raise DecodeError("empty video frame")
         if len(data) > MAX_ENCODED_FRAME:
             raise DecodeError(f"video frame of {len(data)} bytes exceeds {MAX_ENCODED_FRAME}")
-        packet = av.Packet(data)
-        if pts is not None:
-            packet.pts = pts
-            packet.time_base = VIDEO_TIME_BASE
         try:
-            frames = list(self._ctx.decode(packet))
+            frames = list(self._ctx.decode(self._packet(data, pts)))
         except av.error.EOFError:
             self._ctx = self._open()
             self.needs_keyframe = True
             raise DecodeError(f"{self.codec} decoder was at end of stream; reset") from None
         except (av.FFmpegError, ValueError) as exc:
-            self.needs_keyframe = True
-            raise DecodeError(f"undecodable {self.codec} frame ({len(data)} bytes): {exc}") from exc
+            frames = self._retry_fresh(data, pts, exc)
         if any(f.key_frame for f in frames):
             self.needs_keyframe = False
+        return frames
+
+    @staticmethod
+    def _packet(data: bytes, pts: int | None) -> av.Packet:
+        packet = av.Packet(data)
+        if pts is not None:
+            packet.pts = pts
+            packet.time_base = VIDEO_TIME_BASE
+        return packet
+
+    def _retry_fresh(self, data: bytes, pts: int | None, exc: Exception) -> list[av.VideoFrame]:
+        """An error may be an earlier packet's: dav1d reports a corrupt frame on the *next* send,
+        so the keyframe a PLI brought would be lost too, and another PLI round trip spent. A
+        fresh decoder gets this packet once more; only a keyframe is taken from it."""
+        self._ctx = self._open()
+        self.needs_keyframe = True
+        problem = f"undecodable {self.codec} frame ({len(data)} bytes): {exc}"
+        try:
+            frames = list(self._ctx.decode(self._packet(data, pts)))
+        except (av.FFmpegError, ValueError):
+            raise DecodeError(problem) from exc
+        if not any(f.key_frame for f in frames):
+            raise DecodeError(problem) from exc
         return frames
 
     def reset(self) -> None:
