@@ -311,6 +311,13 @@ class PeerSession:
         self._probe(path.path_id, now)
         self._after_select(before)
 
+    def add_main_path(self, endpoint: Endpoint, address: Address, prefer: bool = False) -> str:
+        """The daemon socket straight to `address`, which just sent us an authentic packet."""
+        main = MainPath(endpoint, address)
+        self.main_paths[address] = main.path_id
+        self.add_path(main, alive=True, prefer=prefer)
+        return main.path_id
+
     def _probe(self, path_id: str, now: float) -> None:
         nonce = os.urandom(8)
         self._probes[nonce] = (path_id, now)
@@ -564,9 +571,7 @@ class SessionService:
             if path_id is None or path_id not in peer.paths:
                 # Roaming (a new source address), or a source whose path was dropped earlier
                 # (expired or dead): without re-adding it, its packets would never revive a path.
-                main = MainPath(endpoint, source)
-                path_id = peer.main_paths[source] = main.path_id
-                peer.add_path(main, alive=True, prefer=True)
+                path_id = peer.add_main_path(endpoint, source, prefer=True)
         elif source is not None:
             path = peer.paths.get(path_id)
             if isinstance(path, IcePath) and source != path.remote:
@@ -608,7 +613,7 @@ class SessionService:
         relays = own_relays or offer["relays"]
         peer = self._new_peer(reply.session, initiator=False, relays=relays)
         if route.via is None:
-            peer.add_path(MainPath(route.endpoint, route.address), alive=True)
+            peer.add_main_path(route.endpoint, route.address)
         self._start_paths(peer, offer.get("ice"), ice_task)
         log.info("session accepted from %s", peer.peer_public_key.hex()[:12])
 
@@ -699,7 +704,7 @@ class SessionService:
         peer = self._new_peer(established.session, initiator=True, relays=relays)
         peer.setup_ms = round((time.perf_counter() - started) * 1000, 2)
         if route.via is None:
-            peer.add_path(MainPath(route.endpoint, route.address), alive=True)
+            peer.add_main_path(route.endpoint, route.address)
         self._start_paths(peer, offer.get("ice"), ice_task)
         # A session exists as soon as the handshake completes; wait (briefly) for a live path.
         with trio.move_on_after(max(0.5, timeout - (time.perf_counter() - started))):
